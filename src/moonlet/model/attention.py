@@ -1,0 +1,166 @@
+"""Multi-head Latent Attention (MLA), in its two forms over the same weights.
+
+*naive*: expand the KV latent into per-head keys/values (K = [k_nope | shared k_pe], V) and run MHA.
+Cheapest for training and for long prefills.
+*absorbed*: fold W_UK into the query and W_UV after the attention, so attention runs directly over
+the cached latent [c_kv (normalized) | k_pe (roped)]: MQA with a (kv_lora_rank + rope)-dim key and a
+kv_lora_rank-dim value shared by all heads. Cheapest for decode; the cache never grows per head.
+
+Parameter names are the Hugging Face names, so state dicts map 1:1 to DeepSeek-V3 checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope, softmax_scale
+
+
+@dataclass
+class AttnContext:
+    """What every attention layer of one forward shares, computed once per forward.
+
+    positions_BT: absolute position of each input token; it is also the cache slot the token's
+      latent is written to, so a sequence's slots 0..p always hold its own tokens.
+    mask_B1TL: boolean "may attend" mask over cache slots [0, kv_len), or None for a plain causal
+      mask over the current chunk (no cache).
+    """
+
+    cos_BTR: torch.Tensor
+    sin_BTR: torch.Tensor
+    positions_BT: torch.Tensor
+    mask_B1TL: torch.Tensor | None = None
+    kv_len: int = 0
+    absorbed: bool = False
+    record_max_logit: bool = False
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = self.nope_dim + self.rope_dim
+        self.interleaved = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+        D, H, bias = cfg.hidden_size, self.n_heads, cfg.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def query(self, x_BTD: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope [B,T,H,dn], roped q_pe [B,T,H,dr])."""
+        B, T, _ = x_BTD.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x_BTD)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+        q = q.view(B, T, self.n_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, ctx.cos_BTR, ctx.sin_BTR, self.interleaved)
+
+    def latent(self, x_BTD: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
+        """What the cache stores per token: [RMSNorm(c_kv) | RoPE(k_pe)], [B, T, kv_lora_rank + dr]."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return torch.cat(
+            (self.kv_a_layernorm(c_kv), apply_rope(k_pe, ctx.cos_BTR, ctx.sin_BTR, self.interleaved)), dim=-1
+        )
+
+    def w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj viewed per head: W_UK [H, dn, C] and W_UV [H, dv, C]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
+    def expand_kv(self, latent_BLC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head K [B,L,H,dn+dr] and V [B,L,H,dv] from the latent (the naive form)."""
+        B, L, _ = latent_BLC.shape
+        c_kv, k_pe = latent_BLC.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, L, self.n_heads, -1).split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, L, self.n_heads, self.rope_dim)), dim=-1)
+        return k, v
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(
+        self, x_BTD: torch.Tensor, ctx: AttnContext, cache_BSC: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (output [B,T,D], per-head max pre-softmax logit [H] or None).
+
+        cache_BSC: this layer's latent cache [B, max_seq, kv_lora_rank + dr]; the new tokens' latents
+        are written at their positions, then attention runs over slots [0, ctx.kv_len).
+        """
+        B, T, _ = x_BTD.shape
+        q_nope, q_pe = self.query(x_BTD, ctx)
+        latent = self.latent(x_BTD, ctx)
+        if cache_BSC is not None:
+            rows = torch.arange(B, device=x_BTD.device)[:, None]
+            cache_BSC[rows, ctx.positions_BT] = latent.to(cache_BSC.dtype)
+            latent = cache_BSC[:, : ctx.kv_len]
+        mask = ctx.mask_B1TL
+        if ctx.absorbed:
+            out = self._absorbed(q_nope, q_pe, latent.to(q_nope.dtype), mask)
+        else:
+            out = self._naive(q_nope, q_pe, latent.to(q_nope.dtype), mask)
+        max_logit = None
+        if ctx.record_max_logit:
+            max_logit = self._max_logit(q_nope, q_pe, latent.to(q_nope.dtype), mask)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim)), max_logit
+
+    def _naive(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
+        k, v = self.expand_kv(latent_BLC)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask_B1TL, is_causal=mask_B1TL is None, scale=self.scale,
+        )
+        return o.transpose(1, 2)  # [B,T,H,dv]
+
+    def _absorbed(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
+        B, T, H, _ = q_nope.shape
+        L = latent_BLC.shape[1]
+        w_uk, w_uv = self.w_uk_uv()
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        # all T*H queries attend one shared latent "head": a single [T*H, L] score matrix per sequence
+        q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, T * H, -1)
+        if mask_B1TL is None:
+            pos = torch.arange(T, device=q.device)
+            mask = (torch.arange(L, device=q.device)[None, :] <= pos[:, None] + (L - T))
+            mask = mask.repeat_interleave(H, dim=0)  # [T*H, L]
+        else:
+            mask = mask_B1TL.repeat_interleave(H, dim=2)  # [B,1,T*H,L]
+        o_lat = F.scaled_dot_product_attention(
+            q, latent_BLC[:, None], latent_BLC[:, None, :, : self.kv_lora_rank], attn_mask=mask, scale=self.scale
+        ).view(B, T, H, self.kv_lora_rank)
+        return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
+
+    @torch.no_grad()
+    def _max_logit(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
+        """max over batch and (query, key) pairs of the scaled logit q.k, per head [H] (for QK-clip)."""
+        B, T, H, _ = q_nope.shape
+        L = latent_BLC.shape[1]
+        w_uk, _ = self.w_uk_uv()
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        c_kv, k_pe = latent_BLC.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        s = torch.einsum("bthc,blc->bhtl", q_lat, c_kv) + torch.einsum("bthr,blr->bhtl", q_pe, k_pe)
+        if mask_B1TL is None:
+            mask = torch.ones(T, L, dtype=torch.bool, device=s.device).tril(L - T)
+        else:
+            mask = mask_B1TL
+        s = s.float().masked_fill(~mask, float("-inf")) * self.scale
+        return s.amax(dim=(0, 2, 3))

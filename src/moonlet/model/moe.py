@@ -1,0 +1,161 @@
+"""DeepSeekMoE: a router over fine-grained routed experts plus always-on shared experts.
+
+Router (noaux_tc, DeepSeek-V3 / Kimi-K2): sigmoid scores; `e_score_correction_bias` is added for
+*selection only*; with n_group > 1 only the `topk_group` groups with the best top-2 sums compete;
+the gate weights are the unbiased scores of the chosen experts, renormalized (norm_topk_prob) and
+multiplied by routed_scaling_factor. Softmax + greedy / group_limited_greedy is the V2 form.
+
+Experts run by token-sorted dispatch: (token, expert) pairs are sorted by expert so each expert
+sees one contiguous slice; only experts that received tokens do any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class Routing:
+    weights_NK: torch.Tensor  # float32 gate weights of the chosen experts
+    indices_NK: torch.Tensor  # int64 expert ids
+    scores_NE: torch.Tensor  # float32 affinities (sigmoid or softmax), before bias
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # moved by the trainer's balancing rule, never by gradients; always kept in float32
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.e_score_correction_bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.to(device=self.e_score_correction_bias.device, dtype=torch.float32)
+        return self
+
+    def forward(self, x_ND: torch.Tensor) -> Routing:
+        logits = F.linear(x_ND.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        E, G, K = self.n_experts, self.n_group, self.top_k
+        if self.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+            if G > 1:
+                group_score = choice.view(-1, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
+                choice = self._mask_groups(choice, group_score, float("-inf"))
+        elif self.topk_method == "group_limited_greedy":
+            choice = scores
+            if G > 1:
+                choice = self._mask_groups(choice, scores.view(-1, G, E // G).amax(-1), 0.0)
+        else:  # greedy
+            choice = scores
+        indices = choice.topk(K, dim=-1, sorted=False).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob and K > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * self.scaling, indices, scores)
+
+    def _mask_groups(self, choice_NE, group_score_NG, fill: float) -> torch.Tensor:
+        G = group_score_NG.shape[1]
+        keep = group_score_NG.topk(self.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask[:, :, None].expand(-1, G, self.n_experts // G).reshape(-1, self.n_experts)
+        return choice_NE.masked_fill(~expert_mask, fill)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights: gate/up [E, I, D], down [E, D, I]."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+        N, K = indices_NK.shape
+        flat = indices_NK.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, k) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        x_sorted = x_ND[order // K]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = x_sorted[start:start + n]
+            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+            start += n
+        y_sorted = torch.cat(outs) * weights_NK.reshape(-1)[order, None].to(x_ND.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, order // K, y_sorted)
+
+
+@dataclass
+class MoEStats:
+    load_E: torch.Tensor  # tokens routed to each expert in this forward (int64)
+    aux_loss: torch.Tensor | None  # sequence-wise balance loss (already times alpha), training only
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.aux_alpha = 0.0  # set by the trainer; the released configs' aux_loss_alpha is V2-era
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, T, D = x_BTD.shape
+        x = x_BTD.reshape(-1, D)
+        r = self.gate(x)
+        y = self.experts(x, r.indices_NK, r.weights_NK)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        load = torch.bincount(r.indices_NK.reshape(-1), minlength=self.gate.n_experts)
+        aux = None
+        if self.training and self.aux_alpha > 0:
+            aux = self.aux_alpha * sequence_balance_loss(r.scores_NE.view(B, T, -1), r.indices_NK.view(B, T, -1))
+        return y.view(B, T, D), MoEStats(load, aux)
+
+
+def sequence_balance_loss(scores_BTE: torch.Tensor, indices_BTK: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise loss sum_i f_i P_i, averaged over sequences.
+
+    f_i = E/(K*T) * #tokens of the sequence routed to i;  P_i = mean_t of normalized affinity s_i/sum_j s_j.
+    """
+    B, T, E = scores_BTE.shape
+    K = indices_BTK.shape[-1]
+    hits = torch.zeros(B, E, device=scores_BTE.device).scatter_add_(
+        1, indices_BTK.reshape(B, -1), torch.ones(B, T * K, device=scores_BTE.device))
+    f = hits * (E / (K * T))
+    p = (scores_BTE / scores_BTE.sum(-1, keepdim=True)).mean(1)
+    return (f * p).sum(-1).mean()

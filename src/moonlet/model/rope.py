@@ -1,0 +1,97 @@
+"""Rotary position embedding with YaRN, for the decoupled 64-dim rope part of MLA.
+
+DeepSeek checkpoints store the rope rows of `q_b_proj` and `kv_a_proj_with_mqa` as interleaved pairs
+(x0,x1),(x2,x3),...; moonlet rotates those pairs in place on the raw weights (`rope_interleave`), so
+the latent cache holds k_pe in checkpoint order. The YaRN maths follows transformers' implementation
+(which the parity tests pin), computed in float32 the same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_parameters(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [R/2] and the cos/sin amplitude (YaRN's attention_factor, 1.0 without YaRN)."""
+    dim, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    inv_freq = 1.0 / pos_freqs
+    y = cfg.yarn
+    if y is None:
+        return inv_freq, 1.0
+    factor = y["factor"]
+    attention_factor = y["attention_factor"]
+    if attention_factor is None:
+        if y["mscale"] and y["mscale_all_dim"]:
+            attention_factor = yarn_mscale(factor, y["mscale"]) / yarn_mscale(factor, y["mscale_all_dim"])
+        else:
+            attention_factor = yarn_mscale(factor)
+    low, high = yarn_correction_range(y["beta_fast"], y["beta_slow"], dim, base,
+                                      y["original_max_position_embeddings"], y["truncate"])
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency (high-frequency dims), 0: divide by factor
+    inv_freq = (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float, original_max: int,
+                          truncate: bool = True) -> tuple[float, float]:
+    """The dims [low, high] over which YaRN ramps from original to interpolated frequencies."""
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(original_max / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low, high = corr_dim(beta_fast), corr_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, dim - 1)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """(d_nope + d_rope)^-0.5, times YaRN's mscale(factor, mscale_all_dim)^2 when that is set."""
+    scale = cfg.qk_head_dim ** -0.5
+    y = cfg.yarn
+    if y is not None and y["mscale_all_dim"]:
+        scale *= yarn_mscale(y["factor"], y["mscale_all_dim"]) ** 2
+    return scale
+
+
+class RotaryEmbedding(nn.Module):
+    """Gives (cos, sin) [B, T, R/2] for absolute positions [B, T]; shared by every layer."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv_freq, self.attention_factor = rope_parameters(cfg)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions_BT.to(torch.float32)[..., None] * self.inv_freq.float()
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
+    """Rotate the last dim of x [B, T, (H,) R] by (cos, sin) [B, T, R/2].
+
+    interleaved: pairs are (x[2i], x[2i+1]) and stay in place (DeepSeek's complex-number form).
+    not interleaved: pairs are (x[i], x[i + R/2]) (the "rotate half" form).
+    """
+    if x.dim() == 4:  # per-head tensor: broadcast over heads
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
