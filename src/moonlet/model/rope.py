@@ -70,8 +70,14 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        inv_freq, self.attention_factor = rope_parameters(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.cfg = cfg
+        self.register_buffer("inv_freq", torch.empty(cfg.qk_rope_head_dim // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the frequencies, e.g. after building the model on the meta device."""
+        inv_freq, self.attention_factor = rope_parameters(self.cfg, device=self.inv_freq.device)
+        self.inv_freq = inv_freq
 
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_BT.to(torch.float32)[..., None] * self.inv_freq.float()
