@@ -152,6 +152,12 @@ class EngramHashing(nn.Module):
         else:
             self.compress_map = None
 
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The identity map (no compression until `set_compression_map`)."""
+        if self.compress_map is not None:
+            self.compress_map.copy_(torch.arange(self.compress_map.numel(), device=self.compress_map.device))
+
     def compress(self, ids_BT: torch.Tensor) -> torch.Tensor:
         return ids_BT if self.compress_map is None else self.compress_map[ids_BT]
 

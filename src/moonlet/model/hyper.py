@@ -131,6 +131,12 @@ def amax_gain(h_res_BTnn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return a.sum(-1).amax(), a.sum(-2).amax()
 
 
+def mhc_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """All mHC parameters (fn, base, scale of every wrapper): an AdamW group, not Muon; the paper
+    keeps them in fp32 and HC/V4 exclude the static biases and gates (base, scale) from weight decay."""
+    return [p for m in model.modules() if isinstance(m, HyperConnection) for p in m.parameters()]
+
+
 # ---- accounting hooks (pure functions of the config) -----------------------------------------------
 def mhc_extra_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameters mHC adds: per sublayer fn [n^2+2n, nC] + base [n^2+2n] + scale [3]; two sublayers per

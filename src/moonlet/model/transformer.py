@@ -136,7 +136,7 @@ class CausalLM(nn.Module):
         for m in self.modules():  # modules with their own init (after their children's generic one)
             if isinstance(m, HyperConnection):
                 m.reset_parameters(generator=g)
-            elif isinstance(m, Engram):
+            elif isinstance(m, (Engram, EngramHashing)):
                 m.reset_parameters()
         return self
 
