@@ -26,6 +26,13 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 MODEL_TYPES = ("deepseek_v3", "kimi_k2", "deepseek_v2", "deepseek_v32")
 # keys of an HF config.json that describe the file, not the model; dropped on load, re-created on save
 _HF_BOOKKEEPING = ("transformers_version", "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype")
+# options transformers has no model for: a config.json using them says model_type "moonlet" (so transformers
+# refuses it with a clear error instead of loading half the weights) and keeps the family in `moonlet_base_model_type`
+MOONLET_MODEL_TYPE = "moonlet"
+_DSA_FIELDS = ("index_n_heads", "index_head_dim", "index_topk")
+_MHC_FIELDS = ("hc_mult", "hc_sinkhorn_iters", "hc_eps", "hc_gate_init")
+_ENGRAM_FIELDS = ("engram_layers", "engram_max_ngram", "engram_heads_per_order", "engram_dim_per_order",
+                  "engram_table_size", "engram_kernel_size", "engram_seed", "engram_compress")
 
 
 @dataclass
@@ -76,6 +83,25 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 1
     pad_token_id: int | None = None
     model_type: str = "deepseek_v3"
+    # DSA, DeepSeek Sparse Attention (model_type "deepseek_v32"; transformers' DeepseekV32Config names).
+    # None = transformers' defaults (64 / 128 / 2048) for a deepseek_v32 model, unused otherwise.
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
+    # mHC, manifold-constrained hyper-connections (moonlet-only; DeepSeek-V4 names): None = plain residual
+    hc_mult: int | None = None  # residual streams n
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6  # Sinkhorn: floor of the sums it divides by
+    hc_gate_init: float = 0.01  # alpha (gating factor) of the dynamic part, as in the mHC paper
+    # Engram, hashed n-gram memory (moonlet-only): None = off; 0-based layer ids it is inserted before
+    engram_layers: list[int] | None = None
+    engram_max_ngram: int = 3  # orders 2..N
+    engram_heads_per_order: int = 8
+    engram_dim_per_order: int = 512  # split over the heads: row width = dim_per_order / heads
+    engram_table_size: list[int] | int | None = None  # rows per head for each order (first prime >= this); None: 5 x vocab
+    engram_kernel_size: int = 4
+    engram_seed: int = 0
+    engram_compress: bool = False  # hash tokenizer-compressed ids (map stored in the checkpoint)
     # bookkeeping (not model shape)
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # unknown config.json keys, written back
     rope_spelling: str = field(default="rope_scaling", repr=False)  # "rope_scaling" | "rope_parameters"
@@ -90,6 +116,14 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if rope_type in (None, "default"):
                 self.rope_scaling = None
+        if self.model_type == "deepseek_v32":  # transformers' DeepseekV32Config defaults
+            self.index_n_heads = 64 if self.index_n_heads is None else self.index_n_heads
+            self.index_head_dim = 128 if self.index_head_dim is None else self.index_head_dim
+            self.index_topk = 2048 if self.index_topk is None else self.index_topk
+        if isinstance(self.engram_layers, tuple):
+            self.engram_layers = list(self.engram_layers)
+        if isinstance(self.engram_table_size, tuple):
+            self.engram_table_size = list(self.engram_table_size)
 
     # ---- derived --------------------------------------------------------------------------------
     @property
@@ -126,6 +160,24 @@ class ModelConfig:
             "attention_factor": rs.get("attention_factor"),
             "truncate": rs.get("truncate", True),
         }
+
+    @property
+    def is_dsa(self) -> bool:
+        """DeepSeek Sparse Attention (lightning indexer + top-k) in every attention layer."""
+        return self.model_type == "deepseek_v32"
+
+    def is_engram_layer(self, layer_idx: int) -> bool:
+        return self.engram_layers is not None and layer_idx in self.engram_layers
+
+    @property
+    def engram_table_sizes(self) -> list[int]:
+        """Requested rows per head for orders 2..N (each head's table is the next unused prime)."""
+        n = self.engram_max_ngram - 1
+        if self.engram_table_size is None:
+            return [5 * self.vocab_size] * n
+        if isinstance(self.engram_table_size, int):
+            return [self.engram_table_size] * n
+        return list(self.engram_table_size)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -201,7 +253,63 @@ class ModelConfig:
             f = self.rope_scaling["factor"]
             if not isinstance(f, (int, float)) or f < 1:
                 raise ConfigError(f"rope_scaling.factor must be a number >= 1, got {f!r}")
+        self._validate_levers()
         return self
+
+    def _validate_levers(self) -> None:
+        """DSA, mHC and Engram fields (all off by default)."""
+        dsa = _DSA_FIELDS
+        if self.is_dsa:
+            for name in dsa:
+                _check_int(name, getattr(self, name), minimum=1)
+            if self.q_lora_rank is None:
+                raise ConfigError("DSA (model_type 'deepseek_v32') needs q_lora_rank: the indexer's queries are "
+                                  "projected from the MLA query latent")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise ConfigError(f"index_head_dim ({self.index_head_dim}) must be >= qk_rope_head_dim "
+                                  f"({self.qk_rope_head_dim}): the indexer ropes its first qk_rope_head_dim dims")
+        else:
+            for name in dsa:
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} is set but model_type is {self.model_type!r}; DSA is the "
+                                      f"'deepseek_v32' architecture: set model_type='deepseek_v32'")
+        if self.hc_mult is not None:
+            _check_int("hc_mult", self.hc_mult, minimum=1)
+            _check_int("hc_sinkhorn_iters", self.hc_sinkhorn_iters, minimum=1)
+            for name in ("hc_eps", "hc_gate_init"):
+                v = getattr(self, name)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
+                    raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if self.engram_layers is not None:
+            L = self.num_hidden_layers
+            if not isinstance(self.engram_layers, list):
+                raise ConfigError(f"engram_layers must be a list of layer ids, got {self.engram_layers!r}")
+            if not self.engram_layers:
+                raise ConfigError("engram_layers is empty; use null to switch Engram off")
+            for i in self.engram_layers:
+                if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < L:
+                    raise ConfigError(f"engram_layers holds {i!r}; layer ids are 0-based integers < "
+                                      f"num_hidden_layers ({L})")
+            if len(set(self.engram_layers)) != len(self.engram_layers):
+                raise ConfigError(f"engram_layers {self.engram_layers} repeats a layer")
+            _check_int("engram_max_ngram", self.engram_max_ngram, minimum=2)
+            _check_int("engram_heads_per_order", self.engram_heads_per_order, minimum=1)
+            _check_int("engram_dim_per_order", self.engram_dim_per_order, minimum=1)
+            _check_int("engram_kernel_size", self.engram_kernel_size, minimum=1)
+            _check_int("engram_seed", self.engram_seed, minimum=0)
+            if self.engram_dim_per_order % self.engram_heads_per_order:
+                raise ConfigError(f"engram_dim_per_order ({self.engram_dim_per_order}) must be divisible by "
+                                  f"engram_heads_per_order ({self.engram_heads_per_order})")
+            sizes = self.engram_table_size
+            if sizes is not None and not isinstance(sizes, int):
+                if not isinstance(sizes, list) or len(sizes) != self.engram_max_ngram - 1:
+                    raise ConfigError(f"engram_table_size must be an integer or a list of "
+                                      f"{self.engram_max_ngram - 1} integers (orders 2..{self.engram_max_ngram}), "
+                                      f"got {sizes!r}")
+            for v in self.engram_table_sizes:
+                _check_int("engram_table_size", v, minimum=2)
+            if not isinstance(self.engram_compress, bool):
+                raise ConfigError(f"engram_compress must be true or false, got {self.engram_compress!r}")
 
     # ---- HF config.json ---------------------------------------------------------------------------
     @classmethod
@@ -229,6 +337,8 @@ class ModelConfig:
                 rs = {k: v for k, v in rp.items() if k not in ("rope_type",)}
                 rs["type"] = rtype
                 kwargs["rope_scaling"] = rs
+        if d.get("model_type") == MOONLET_MODEL_TYPE:
+            d["model_type"] = d.pop("moonlet_base_model_type", "deepseek_v3")
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d.pop("num_mtp_layers")
         for k, v in d.items():
@@ -262,8 +372,10 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` object transformers' DeepseekV3 reads (Kimi-K2 is written as deepseek_v3)."""
         out: dict[str, Any] = {}
+        off = (() if self.is_dsa else _DSA_FIELDS) + (() if self.hc_mult is not None else _MHC_FIELDS) + (
+            () if self.engram_layers is not None else _ENGRAM_FIELDS)
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "rope_spelling", "rope_scaling", "rope_theta"):
+            if f.name in ("extra", "rope_spelling", "rope_scaling", "rope_theta") or f.name in off:
                 continue
             out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["num_key_value_heads"] = self.num_attention_heads  # MLA: every head reads the one latent
@@ -283,6 +395,10 @@ class ModelConfig:
             out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
         for k, v in self.extra.items():
             out.setdefault(k, copy.deepcopy(v))
+        if self.hc_mult is not None or self.engram_layers is not None:
+            out["moonlet_base_model_type"] = out["model_type"]
+            out["model_type"] = MOONLET_MODEL_TYPE
+            out["architectures"] = ["MoonletForCausalLM"]
         return out
 
     @classmethod

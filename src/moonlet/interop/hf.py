@@ -110,8 +110,15 @@ def read_safetensors_dir(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write `config.json` + `model.safetensors` in HF layout, atomically (temp dir, then rename)."""
+def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                    for_transformers: bool = False) -> Path:
+    """Write `config.json` + `model.safetensors` in HF layout, atomically (temp dir, then rename).
+
+    for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load."""
+    if for_transformers:
+        from .hf_compat import check_hf_exportable
+
+        check_hf_exportable(model.config)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

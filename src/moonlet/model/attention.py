@@ -65,13 +65,18 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
 
     # ---- pieces ---------------------------------------------------------------------------------
-    def query(self, x_BTD: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q_nope [B,T,H,dn], roped q_pe [B,T,H,dr])."""
+    def q_latent(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The query latent c^Q = RMSNorm(q_a_proj(x)) [B,T,q_lora_rank] (the DSA indexer reads it too)."""
+        return self.q_a_layernorm(self.q_a_proj(x_BTD))
+
+    def query(self, x_BTD: torch.Tensor, ctx: AttnContext, qr_BTQ: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_nope [B,T,H,dn], roped q_pe [B,T,H,dr]); qr_BTQ: c^Q when already computed."""
         B, T, _ = x_BTD.shape
         if self.q_lora_rank is None:
             q = self.q_proj(x_BTD)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
+            q = self.q_b_proj(self.q_latent(x_BTD) if qr_BTQ is None else qr_BTQ)
         q = q.view(B, T, self.n_heads, self.qk_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rope(q_pe, ctx.cos_BTR, ctx.sin_BTR, self.interleaved)

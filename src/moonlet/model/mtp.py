@@ -16,6 +16,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttnContext
 from .block import Block
+from .hyper import collapse_streams, expand_streams
 from .norm import RMSNorm
 
 
@@ -39,5 +40,8 @@ class MTPModule(Block):
     def forward(self, h_BTD: torch.Tensor, emb_BTD: torch.Tensor, ctx: AttnContext, cache=None):
         """(normed hidden [B,T,D] to feed lm_head or the next depth, block stats)."""
         x = self.eh_proj(torch.cat((self.enorm(emb_BTD), self.hnorm(h_BTD)), dim=-1))
+        if self.hc_mult is not None:  # mHC: the depth's block runs on its own streams
+            x, stats = super().forward(expand_streams(x, self.hc_mult), ctx, cache)
+            return self.shared_head.norm(collapse_streams(x)), stats
         x, stats = super().forward(x, ctx, cache)
         return self.shared_head.norm(x), stats

@@ -18,6 +18,8 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import AttnContext
 from .block import Block, BlockStats, LayerCache
+from .engram import Engram, EngramHashing, prefetch_rows
+from .hyper import HyperConnection, collapse_streams, expand_streams
 from .moe import MoE, Experts, Router
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -37,6 +39,7 @@ class ModelOutput:
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
     expert_load: list[torch.Tensor] = field(default_factory=list)  # per MoE layer of the main model, [E]
     max_logits: list[torch.Tensor] = field(default_factory=list)  # per layer [H], when recorded
+    indexer_loss: torch.Tensor | None = None  # DSA: sum over layers of the indexer KL (training mode)
 
 
 def make_context(
@@ -65,12 +68,22 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
+        self.engram_hash = EngramHashing(cfg) if cfg.engram_layers is not None else None
 
-    def forward(self, x_BTD: torch.Tensor, ctx: AttnContext, cache: Sequence[LayerCache] | None = None):
+    def forward(self, x_BTD: torch.Tensor, ctx: AttnContext, cache: Sequence[LayerCache] | None = None,
+                engram_rows: dict[int, torch.Tensor] | None = None):
+        """x [B,T,D] embeddings -> (final-normed hidden [B,T,D], per-layer stats). engram_rows: the
+        prefetched memory rows of each Engram layer (`prefetch_rows`). With mHC the blocks carry
+        hc_mult streams, entered as copies of x and averaged before the final norm."""
         stats: list[BlockStats] = []
+        if self.cfg.hc_mult is not None:
+            x_BTD = expand_streams(x_BTD, self.cfg.hc_mult)
         for i, layer in enumerate(self.layers):
-            x_BTD, s = layer(x_BTD, ctx, None if cache is None else cache[i])
+            rows = None if engram_rows is None else engram_rows.get(i)
+            x_BTD, s = layer(x_BTD, ctx, None if cache is None else cache[i], rows)
             stats.append(s)
+        if self.cfg.hc_mult is not None:
+            x_BTD = collapse_streams(x_BTD)
         return self.norm(x_BTD), stats
 
 
@@ -118,6 +131,13 @@ class CausalLM(nn.Module):
                 normal_(m.gate_proj, std)
                 normal_(m.up_proj, std)
                 normal_(m.down_proj, std * out_scale)
+            elif isinstance(m, nn.LayerNorm):  # the DSA indexer's key norm
+                m.reset_parameters()
+        for m in self.modules():  # modules with their own init (after their children's generic one)
+            if isinstance(m, HyperConnection):
+                m.reset_parameters(generator=g)
+            elif isinstance(m, (Engram, EngramHashing)):
+                m.reset_parameters()
         return self
 
     @property
@@ -167,8 +187,12 @@ class CausalLM(nn.Module):
         if absorbed is None:
             absorbed = cache is not None
         x = self.model.embed_tokens(input_ids)
+        engram_rows = None
+        if self.model.engram_hash is not None:  # hash + gather every Engram layer's rows before any block
+            engram_rows = prefetch_rows(self.model.engram_hash, self.model.layers, input_ids, positions, cache,
+                                        device=x.device, dtype=x.dtype)
         ctx = make_context(self.model.rotary, positions, x.dtype, cache is not None, absorbed, record_max_logit)
-        hidden, stats = self.model(x, ctx, cache)
+        hidden, stats = self.model(x, ctx, cache, engram_rows)
         out = ModelOutput(logits=self.lm_head(hidden[:, -1:] if last_only else hidden), hidden=hidden)
         self._collect(out, stats)
         if labels is not None:
@@ -184,11 +208,15 @@ class CausalLM(nn.Module):
                 loss = loss + mtp_lambda * torch.stack(out.mtp_losses).mean()
             if out.aux_loss is not None:
                 loss = loss + out.aux_loss
+            if out.indexer_loss is not None:  # reaches only the indexers (their inputs are detached)
+                loss = loss + out.indexer_loss
             out.loss = loss
         return out
 
     def _collect(self, out: ModelOutput, stats: list[BlockStats], main: bool = True) -> None:
         for s in stats:
+            if s.indexer_loss is not None:
+                out.indexer_loss = s.indexer_loss if out.indexer_loss is None else out.indexer_loss + s.indexer_loss
             if s.max_logit_H is not None:
                 out.max_logits.append(s.max_logit_H)
             if s.moe is not None:
