@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -44,16 +45,22 @@ def run(args: argparse.Namespace) -> int:
 
     src = _resolve(args.src)
     try:
-        dst = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_size=args.shard_size,
-                                 mtp=not args.no_mtp, overwrite=args.overwrite,
-                                 log=lambda m: print(m, file=sys.stderr))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dst = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_size=args.shard_size,
+                                     mtp=not args.no_mtp, overwrite=args.overwrite,
+                                     log=lambda m: print(m, file=sys.stderr))
     except OSError as e:  # missing/unwritable paths, DST not empty: one line, no traceback
         print(f"moonlet convert: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        for w in caught:  # e.g. "no MTP layer in the checkpoint": one line each
+            print(f"moonlet convert: warning: {w.message}", file=sys.stderr)
     files = sorted(dst.glob("*.safetensors"))
     size = sum(f.stat().st_size for f in files)
     copied = sorted(f.name for f in dst.iterdir() if f.name != "config.json" and f.suffix != ".safetensors"
                     and f.name != "model.safetensors.index.json")
-    print(f"wrote {dst}: {len(files)} safetensors file(s), {size / 1e9:.3f} GB"
+    human = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    print(f"wrote {dst}: {len(files)} safetensors file(s), {human}"
           + (f"; copied {', '.join(copied)}" if copied else ""))
     return 0
