@@ -75,7 +75,8 @@ def test_transformers5_config_round_trip(tmp_path):
     written = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert "rope_parameters" in written and "rope_scaling" not in written
     cfg = ModelConfig.load(tmp_path / "hf")
-    assert cfg.yarn["factor"] == 4.0 and cfg.q_lora_rank is None and cfg.rope_theta == written["rope_parameters"]["rope_theta"]
+    assert cfg.yarn["factor"] == 4.0 and cfg.q_lora_rank is None
+    assert cfg.rope_theta == written["rope_parameters"]["rope_theta"]
     out = cfg.to_hf_dict()
     for k, v in written.items():
         if k not in BOOKKEEPING and k != "num_key_value_heads":  # MLA: written as num_attention_heads
@@ -127,7 +128,8 @@ BAD = [
     ({"n_routed_experts": 10, "n_group": 4}, "n_routed_experts (10) must be divisible by n_group (4)"),
     ({"topk_group": 3}, "topk_group (3) cannot exceed n_group (2)"),
     ({"num_experts_per_tok": 9}, "num_experts_per_tok (9) cannot exceed n_routed_experts (8)"),
-    ({"num_experts_per_tok": 5}, "num_experts_per_tok (5) exceeds the experts in the kept groups: topk_group (1) x experts per group (4)"),
+    ({"num_experts_per_tok": 5},
+     "num_experts_per_tok (5) exceeds the experts in the kept groups: topk_group (1) x experts per group (4)"),
     ({"n_group": 8, "topk_group": 4}, "every group needs >= 2 experts: n_routed_experts (8) / n_group (8) = 1"),
     ({"qk_rope_head_dim": 5}, "qk_rope_head_dim (5) must be even"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),

@@ -290,8 +290,8 @@ def _nbytes(shape: Iterable[int], dtype: torch.dtype) -> int:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to `path`; on success it replaces `path` (renames only),
-    on failure it is removed and `path` is untouched."""
-    path = Path(path)
+    on failure it is removed and `path` is untouched. A symlink is followed (its target is replaced)."""
+    path = Path(path).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent))
     umask = os.umask(0)
