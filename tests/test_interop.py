@@ -280,6 +280,8 @@ def test_mtp_options_and_meta_device(tmp_path):
     bf = moonlet.from_pretrained(full, dtype="bf16")
     assert bf.dtype == torch.bfloat16 and bf.model.rotary.inv_freq.dtype == torch.float32
     assert all(m.gate.e_score_correction_bias.dtype == torch.float32 for m in bf.moe_layers())
+    cast = moonlet.from_pretrained(full).to(torch.bfloat16)  # a cast keeps RoPE frequencies exact too
+    assert torch.equal(cast.model.rotary.inv_freq, model.model.rotary.inv_freq)
     tied = _model(seed=6, tie_word_embeddings=True)
     p = save_pretrained(tied, tmp_path / "tied")
     with safe_open(str(p / "model.safetensors"), "pt") as sf:
