@@ -112,6 +112,8 @@ class ModelConfig:
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, dict):
+                raise ConfigError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
             self.rope_scaling = dict(self.rope_scaling)
             rope_type = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if rope_type in (None, "default"):
@@ -197,6 +199,9 @@ class ModelConfig:
             _check_int(name, getattr(self, name), minimum=0)
         if self.q_lora_rank is not None:
             _check_int("q_lora_rank", self.q_lora_rank, minimum=1)
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias", "rope_interleave"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even (RoPE rotates pairs)")
         if self.hidden_act != "silu":
@@ -205,6 +210,8 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type {self.model_type!r} is not one moonlet reads; expected one of {MODEL_TYPES}")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError(
                 f"first_k_dense_replace ({self.first_k_dense_replace}) cannot exceed num_hidden_layers "
@@ -224,7 +231,8 @@ class ModelConfig:
                 raise ConfigError(f"scoring_func {self.scoring_func!r} must be one of {SCORING_FUNCS}")
             if self.topk_method not in TOPK_METHODS:
                 raise ConfigError(f"topk_method {self.topk_method!r} must be one of {TOPK_METHODS}")
-            if not isinstance(self.routed_scaling_factor, (int, float)) or self.routed_scaling_factor <= 0:
+            if (not isinstance(self.routed_scaling_factor, (int, float)) or isinstance(self.routed_scaling_factor, bool)
+                    or self.routed_scaling_factor <= 0):
                 raise ConfigError(f"routed_scaling_factor must be positive, got {self.routed_scaling_factor!r}")
             if self.topk_method in ("noaux_tc", "group_limited_greedy"):
                 G, TG = self.n_group or 1, self.topk_group or 1
@@ -334,9 +342,7 @@ class ModelConfig:
                 kwargs["rope_theta"] = rp.pop("rope_theta")
             rtype = rp.get("rope_type", rp.get("type", "default"))
             if rtype != "default":
-                rs = {k: v for k, v in rp.items() if k not in ("rope_type",)}
-                rs["type"] = rtype
-                kwargs["rope_scaling"] = rs
+                kwargs["rope_scaling"] = rp  # keys kept as read ("rope_type", and "type" when present)
         if d.get("model_type") == MOONLET_MODEL_TYPE:
             d["model_type"] = d.pop("moonlet_base_model_type", "deepseek_v3")
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
@@ -359,6 +365,7 @@ class ModelConfig:
             kwargs.setdefault("topk_method", "greedy")
             kwargs.setdefault("norm_topk_prob", False)
             kwargs.setdefault("first_k_dense_replace", 0)
+            kwargs.setdefault("num_nextn_predict_layers", 0)
             kwargs.setdefault("n_group", None)
             kwargs.setdefault("topk_group", None)
         for k in ("n_group", "topk_group"):
@@ -387,14 +394,20 @@ class ModelConfig:
         if self.rope_spelling == "rope_parameters":
             rp: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
             if self.rope_scaling is not None:
-                rp.update({k: v for k, v in self.rope_scaling.items() if k != "type"})
-                rp["rope_type"] = self.rope_scaling.get("type", "yarn")
+                rp.update(copy.deepcopy(self.rope_scaling))
+                rp["rope_type"] = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "yarn"))
             out["rope_parameters"] = rp
         else:
             out["rope_theta"] = self.rope_theta
             out["rope_scaling"] = copy.deepcopy(self.rope_scaling)
+            if self.rope_scaling is not None and "type" not in self.rope_scaling:  # hub-era readers need "type"
+                out["rope_scaling"]["type"] = self.rope_scaling.get("rope_type", "yarn")
         for k, v in self.extra.items():
             out.setdefault(k, copy.deepcopy(v))
+        if "qk_head_dim" in out:  # derived keys transformers 5 writes: keep them true to the fields
+            out["qk_head_dim"] = self.qk_head_dim
+        if "head_dim" in out:
+            out["head_dim"] = self.qk_rope_head_dim
         if self.hc_mult is not None or self.engram_layers is not None:
             out["moonlet_base_model_type"] = out["model_type"]
             out["model_type"] = MOONLET_MODEL_TYPE

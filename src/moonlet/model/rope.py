@@ -79,6 +79,15 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = rope_parameters(self.cfg, device=self.inv_freq.device)
         self.inv_freq = inv_freq
 
+    def _apply(self, fn, recurse=True):
+        """Keep the frequencies float32 when the model is cast: bfloat16 frequencies put the angles
+        1.8 rad off at position 4096 for DeepSeek-V3's RoPE."""
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
+
     def forward(self, positions_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions_BT.to(torch.float32)[..., None] * self.inv_freq.float()
         cos, sin = freqs.cos(), freqs.sin()
