@@ -190,13 +190,14 @@ class Scenario:
     resume: str | None = None  # load OUT/resume before the steps
     export: bool = False  # write a consolidated HF checkpoint to OUT/<name>_hf
     mixed: bool = False  # bf16 compute (FSDP MixedPrecisionPolicy)
+    foreach: bool | None = None  # AdamW's multi-tensor path (the GPU default) over DTensors of two meshes
 
 
 SCENARIOS = [
     # 4 ranks
     Scenario("fsdp4_adamw", 4, 4, 1, "adamw"),
     Scenario("fsdp4_muon", 4, 4, 1, "muon", ac=True),
-    Scenario("ep2x2_muon", 4, 2, 2, "muon", save="ckpt_ep2x2", export=True),
+    Scenario("ep2x2_muon", 4, 2, 2, "muon", save="ckpt_ep2x2", export=True, foreach=True),
     Scenario("ep4_adamw_skew", 4, 1, 4, "adamw", skew=True, ac=True),
     # 2 ranks
     Scenario("fsdp2_muon", 2, 2, 1, "muon"),

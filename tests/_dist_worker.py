@@ -20,15 +20,24 @@ torch.set_num_threads(1)
 from _dist_common import SCENARIOS, Reductions, make_batches, make_model, make_optimizers, tiny_cfg, train_steps  # noqa: E402
 
 from moonlet import dist as mdist  # noqa: E402
+from moonlet.model import CausalLM  # noqa: E402
 
 
 def run_scenario(sc, out: Path, env: mdist.DistEnv) -> None:
     cfg = tiny_cfg()
     mesh = mdist.build_mesh(sc.dp_shard, sc.ep, cfg)
-    model = make_model(cfg, skew=sc.skew)
+    if sc.resume:  # what a big model needs: no full copy on any rank, weights come from the checkpoint
+        with torch.device("meta"):
+            model = CausalLM(cfg).train()
+        model.set_balance_alpha(0.01)
+    else:
+        model = make_model(cfg, skew=sc.skew)
     mdist.parallelize(model, mesh, activation_checkpointing=sc.ac,
                       mixed_precision=torch.bfloat16 if sc.mixed else None)
-    opts = make_optimizers(model, sc.optim, orthogonalize=mdist.orthogonalize_sharded)
+    if sc.resume:
+        model.to_empty(device=env.device)
+        model.model.rotary.reset_parameters()  # non-persistent buffer
+    opts = make_optimizers(model, sc.optim, orthogonalize=mdist.orthogonalize_sharded, foreach=sc.foreach)
     start = sc.start
     if sc.resume:
         extra = mdist.load_distributed(out / sc.resume, model, opts)

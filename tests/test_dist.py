@@ -244,3 +244,14 @@ def test_stalled_rank_trips_the_process_group_timeout(tmp_path):
     assert "moonlet.dist: rank 0 of 2 is exiting: a collective failed or timed out" in out0, out0[-2000:]
     assert "Timed out" in out0 or "timed out" in out0.split("Cause:")[-1]
     assert elapsed < 60
+
+
+@pytest.mark.slow
+def test_selfcheck_command_under_torchrun():
+    # the documented cluster smoke test, on the `tiny` preset (4 layers, groups, MTP), EP 2 + checkpointing
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "moonlet.dist.selfcheck", "--ep", "2", "--batch-per-rank", "1", "--seq", "32",
+           "--activation-checkpointing"]
+    r = _run(cmd, 120, _env())
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert "OK: loss, gradient norm and every gradient match one process" in r.stdout
