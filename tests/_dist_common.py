@@ -197,8 +197,8 @@ SCENARIOS = [
     # 4 ranks
     Scenario("fsdp4_adamw", 4, 4, 1, "adamw"),
     Scenario("fsdp4_muon", 4, 4, 1, "muon", ac=True),
-    Scenario("ep2x2_muon", 4, 2, 2, "muon", save="ckpt_ep2x2", export=True, foreach=True),
-    Scenario("ep4_adamw_skew", 4, 1, 4, "adamw", skew=True, ac=True),
+    Scenario("ep2x2_muon", 4, 2, 2, "muon", save="ckpt_ep2x2", export=True),
+    Scenario("ep4_adamw_skew", 4, 1, 4, "adamw", skew=True, ac=True, foreach=True),
     # 2 ranks
     Scenario("fsdp2_muon", 2, 2, 1, "muon"),
     Scenario("ep2_adamw", 2, 1, 2, "adamw"),
