@@ -52,6 +52,17 @@ def test_layout_validation_messages():
     validate_parallelism(cfg, 8, 2, 4)
 
 
+def test_clear_errors_before_any_collective(tmp_path):
+    from moonlet.dist import build_mesh, load_distributed
+    from moonlet.interop.hf import CheckpointError
+
+    with pytest.raises(CheckpointError, match="is not a distributed checkpoint"):
+        load_distributed(tmp_path / "nope", torch.nn.Linear(2, 2))
+    if not torch.distributed.is_initialized():
+        with pytest.raises(ParallelismError, match="call init_distributed"):
+            build_mesh(2, 1)
+
+
 def test_node_limited_routing_bound_matches_deepseek_v3():
     # V3: 256 experts in 8 groups, topk_group 4: with one group per EP rank (node) a token reaches
     # at most 4 of them -- the published "each token is sent to at most M = 4 nodes".
