@@ -37,7 +37,7 @@ def exit_on_failure(exit_code: int = 1):
     try:
         yield
     except BaseException as e:  # noqa: BLE001 - every failure must end the rank
-        if isinstance(e, SystemExit) and not e.code:
+        if isinstance(e, SystemExit):  # an intended exit (argparse, a CLI's return code): not a failure
             raise
         traceback.print_exc()
         print(describe_failure(e), file=sys.stderr, flush=True)
