@@ -4,7 +4,7 @@ The text is tokenized once (BOS prepended when the tokenizer has one, so every t
 scored). Windows of `window` tokens start every `stride` tokens; each window scores only the targets
 the previous windows did not, so every target is scored exactly once and, after the first window,
 with at least `window - stride` tokens of context. This is the loop of HF's "Perplexity of
-fixed-length models" guide (stride < window); stride == window gives disjoint chunks.
+fixed-length models" guide; the stride is capped at window - 1 so that no target is skipped.
 
     nll/token     = sum of -log p(target | context) / number of targets       (nats)
     perplexity    = exp(nll/token)
@@ -36,20 +36,27 @@ class Window:
         return self.end - self.score_from
 
 
+def effective_stride(window: int, stride: int | None) -> int:
+    """stride (default window // 2), at most window - 1: a window's first scored target needs one
+    token of context inside the window (HF's loop silently drops that target when stride == window)."""
+    stride = stride or max(1, window // 2)
+    return max(1, min(stride, window - 1))
+
+
 def sliding_windows(n_tokens: int, window: int, stride: int) -> list[Window]:
-    """Windows covering targets 1..n_tokens-1 exactly once (target t is predicted from tokens < t)."""
+    """Windows covering targets 1..n_tokens-1 exactly once (target t is predicted from tokens < t).
+    Window k has inputs [k * stride, k * stride + window) (clipped at the end) and scores the targets
+    the previous window did not; `stride` must be <= window - 1 (see effective_stride)."""
     if window < 2:
         raise ValueError(f"window must be >= 2 tokens, got {window}")
-    if not 1 <= stride <= window:
-        raise ValueError(f"stride must be in [1, window={window}], got {stride}")
+    if not 1 <= stride < window:
+        raise ValueError(f"stride must be in [1, window - 1 = {window - 1}], got {stride}")
     if n_tokens < 2:
         raise ValueError("the text is too short: it needs at least 2 tokens (1 with a BOS token)")
-    out, prev_end, begin = [], 0, 0
+    out, prev_end, begin = [], 1, 0
     while True:
         end = min(begin + window, n_tokens)
-        score_from = max(begin + 1, prev_end)
-        if end > score_from:
-            out.append(Window(len(out), begin, end, score_from))
+        out.append(Window(len(out), begin, end, prev_end))
         prev_end = end
         if end == n_tokens:
             return out
@@ -124,70 +131,10 @@ def window_nll(model: Callable, ids: Sequence[int], windows: Sequence[Window], b
             yield w, nll[w.index]
 
 
-def perplexity(self) -> float:
-        return math.exp(self.nll_per_token)
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll_sum / (math.log(2) * self.n_bytes)
-
-    @property
-    def bits_per_token(self) -> float:
-        return self.nll_per_token / math.log(2)
-
-    def summary(self) -> dict:
-        return {"nll_per_token": self.nll_per_token, "perplexity": self.perplexity,
-                "bits_per_byte": self.bits_per_byte, "bits_per_token": self.bits_per_token,
-                "n_tokens": self.n_tokens, "n_bytes": self.n_bytes, "window": self.window, "stride": self.stride,
-                "n_windows": len(self.per_window)}
-
-
-def tokenize_for_ppl(text: str, tokenizer: Any) -> tuple[list[int], int]:
-    """(ids, scored bytes): BOS prepended when the tokenizer has one; otherwise the first token is
-    context only and its bytes are not counted."""
-    ids = list(tokenizer.encode(text))
-    bos = getattr(tokenizer, "bos_id", None)
-    n_bytes = len(text.encode("utf-8"))
-    if bos is not None:
-        return [int(bos)] + ids, n_bytes
-    if not ids:
-        return ids, 0
-    return ids, n_bytes - len(tokenizer.decode(ids[:1]).encode("utf-8"))
-
-
-@torch.inference_mode()
-def window_nll(model: Callable, ids: Sequence[int], windows: Sequence[Window], batch_size: int = 4,
-               device: torch.device | str | None = None) -> Iterator[tuple[Window, float]]:
-    """Yield (window, summed NLL in nats of its scored targets); windows of equal length are batched."""
-    device = device or _model_device(model)
-    ids_t = torch.tensor(list(ids), dtype=torch.long)
-    by_len: dict[int, list[Window]] = {}
-    for w in windows:
-        by_len.setdefault(w.end - w.begin, []).append(w)
-    order = sorted(windows, key=lambda w: w.index)
-    ready: dict[int, float] = {}
-    pending = {L: list(ws) for L, ws in by_len.items()}
-    nxt = 0
-    for w in order:  # walk in order, computing a batch of same-length windows when needed
-        if w.index not in ready:
-            group = pending[w.end - w.begin]
-            batch = [group.pop(0) for _ in range(min(batch_size, len(group)))]
-            x_BT = torch.stack([ids_t[b.begin:b.end] for b in batch]).to(device)
-            logits_BTV = model(x_BT).logits
-            for row, b in enumerate(batch):
-                # logits at position j predict token begin + j + 1
-                first = b.score_from - b.begin - 1
-                lg = logits_BTV[row, first:b.end - b.begin - 1].float()
-                tgt = x_BT[row, first + 1:b.end - b.begin]
-                ready[b.index] = float(F.cross_entropy(lg, tgt, reduction="sum"))
-        yield w, ready.pop(w.index)
-        nxt += 1
-
-
 def perplexity(model: Callable, tokenizer: Any, text: str, window: int = 512, stride: int | None = None,
                batch_size: int = 4, device: torch.device | str | None = None) -> PerplexityResult:
     """Perplexity / bits per byte of `text` (see module docstring). stride defaults to window // 2."""
-    stride = stride or max(1, window // 2)
+    stride = effective_stride(window, stride)
     ids, n_bytes = tokenize_for_ppl(text, tokenizer)
     windows = sliding_windows(len(ids), window, stride)
     res = PerplexityResult(0.0, 0, n_bytes, window, stride)

@@ -416,7 +416,7 @@ def _grade_code_row(item, completion, base, sandbox, store, bar) -> None:
 
 
 def _evaluate_ppl(target, data, out, opts, model, tokenizer, overwrite, progress) -> dict:
-    from .perplexity import sliding_windows, tokenize_for_ppl, window_nll
+    from .perplexity import effective_stride, sliding_windows, tokenize_for_ppl, window_nll
 
     if data is None:
         raise EvalError("the ppl task needs --data TEXT_FILE")
@@ -433,7 +433,7 @@ def _evaluate_ppl(target, data, out, opts, model, tokenizer, overwrite, progress
     if tokenizer is None:
         raise EvalError("perplexity needs a tokenizer (tokenizer.json in the checkpoint, or tokenizer=)")
     model.eval()
-    stride = opts.stride or max(1, opts.window // 2)
+    stride = effective_stride(opts.window, opts.stride)
     run = {"task": "ppl", "target": _target_name(target), "data": str(data_path), "data_sha256": _file_sha256(data_path),
            **{k: getattr(opts, k) for k in EvalOptions.IDENTITY}, "stride": stride,
            "started_at": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -227,6 +227,7 @@ class Sandbox:
                 except (ProcessLookupError, PermissionError):
                     pass
                 proc.wait()
+                _wait_group_gone(proc.pid, 1.0)
         duration = time.monotonic() - t0
         stdout = _read_head(tmp / "stdout", lim.output_kb)
         stderr = _read_head(tmp / "stderr", lim.output_kb)
@@ -270,6 +271,36 @@ def _wait_no_reap(pid: int, deadline: float) -> bool:
             return False
         time.sleep(min(delay, deadline - now))
         delay = min(delay * 1.5, 0.02)
+
+
+def _wait_group_gone(pgid: int, seconds: float) -> None:
+    """SIGKILL is asynchronous: give a killed group (e.g. a fork bomb) a moment to disappear so the
+    next candidate does not share the CPU with its remains. Bounded: zombies may linger."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        if not _live_members(pgid):
+            return  # only zombies left: their new parent reaps them
+        time.sleep(0.01)
+
+
+def _live_members(pgid: int) -> bool:
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _read_head(path: Path, kb: int) -> str:
