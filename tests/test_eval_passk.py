@@ -35,4 +35,4 @@ def test_mean_and_errors():
         pass_at_k(3, 1, 5)
     with pytest.raises(ValueError):
         pass_at_k(3, 4, 1)
-    assert default_ks(10) == [1, 2, 5, 10] and default_ks(1) == [1]
+    assert default_ks(10) == [1, 2, 5, 10] and default_ks(1) == [1] and default_ks(4) == [1, 2, 4]

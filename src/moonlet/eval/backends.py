@@ -251,6 +251,10 @@ class NaiveBackend:
         return [self._one(r) for r in requests]
 
     def _one(self, r: GenRequest) -> str:
+        return self.tokenizer.decode(self.generate_ids(r)[1])
+
+    def generate_ids(self, r: GenRequest) -> tuple[list[int], list[int]]:
+        """(prompt ids, new ids) for one request."""
         import torch
 
         tok = self.tokenizer
@@ -284,4 +288,4 @@ class NaiveBackend:
                     text = tok.decode(new)
                     if any(s in text for s in r.prompt.stop):
                         break
-        return tok.decode(new)
+        return ids, new

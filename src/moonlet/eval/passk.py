@@ -32,5 +32,6 @@ def mean_pass_at_k(counts: Iterable[tuple[int, int]], k: int) -> float:
 
 
 def default_ks(n: int) -> list[int]:
-    """The k values worth reporting for n samples per problem."""
-    return [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= n] or [1]
+    """The k values worth reporting for n samples per problem: 1, 2, 5, 10, ... and n itself."""
+    ks = [k for k in (1, 2, 5, 10, 20, 50, 100) if k <= n]
+    return ks + [n] if n not in ks else ks

@@ -80,58 +80,55 @@ def render_markdown(summary: dict, rows: list[dict], plot_name: str | None) -> s
 
 def render_plot(summary: dict, rows: list[dict], path: Path) -> bool:
     """A small PNG; False when there is nothing worth plotting."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, faster import
 
     task, m = summary["task"], summary["metrics"]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    try:
-        if task == "ppl":
-            ws = sorted((r for r in rows if r.get("n_scored")), key=lambda r: r["begin"])
-            if not ws:
-                return False
-            ax.plot([r["begin"] for r in ws], [r["nll_sum"] / r["n_scored"] for r in ws], lw=1)
-            ax.axhline(m["nll_per_token"], color="k", ls="--", lw=0.8, label=f"mean {m['nll_per_token']:.3f}")
-            ax.set_xlabel("window start (token)")
-            ax.set_ylabel("nats / token")
-            ax.legend(loc="best", fontsize=8)
-        elif m.get("pass_at_k") and len(m["pass_at_k"]) > 1:
-            ks = sorted(int(k) for k in m["pass_at_k"])
-            ax.plot(ks, [100 * m["pass_at_k"][str(k)] for k in ks], marker="o")
-            ax.set_xscale("log")
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.set_xlabel("k")
-            ax.set_ylabel("pass@k (%)")
-            ax.set_ylim(0, 100)
-        elif m.get("by_subject") and len(m["by_subject"]) > 1:
-            groups = list(m["by_subject"].items())
-            ax.barh([g for g, _ in groups], [100 * v["accuracy"] for _, v in groups])
-            ax.set_xlabel("accuracy (%)")
-            ax.set_xlim(0, 100)
-            ax.tick_params(axis="y", labelsize=7)
-        elif m.get("failure_reasons") or m.get("accuracy") is not None:
-            labels = ["pass"] + [_short(r, 28) for r in list(m.get("failure_reasons", {}))[:5]]
-            vals = [round(m["accuracy"] * m["n_rows"])] + list(m.get("failure_reasons", {}).values())[:5]
-            ax.barh(labels[::-1], vals[::-1])
-            ax.set_xlabel("completions")
-            ax.tick_params(axis="y", labelsize=7)
-        else:
+    fig = Figure(figsize=(6, 3.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if task == "ppl":
+        ws = sorted((r for r in rows if r.get("n_scored")), key=lambda r: r["begin"])
+        if not ws:
             return False
-        ax.set_title(f"{task}: {Path(str(summary['target'])).name}", fontsize=9)
-        fig.tight_layout()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return True
-    finally:
-        plt.close(fig)
+        ax.plot([r["begin"] for r in ws], [r["nll_sum"] / r["n_scored"] for r in ws], lw=1)
+        ax.axhline(m["nll_per_token"], color="k", ls="--", lw=0.8, label=f"mean {m['nll_per_token']:.3f}")
+        ax.set_xlabel("window start (token)")
+        ax.set_ylabel("nats / token")
+        ax.legend(loc="best", fontsize=8)
+    elif m.get("pass_at_k") and len(m["pass_at_k"]) > 1:
+        ks = sorted(int(k) for k in m["pass_at_k"])
+        ax.plot(ks, [100 * m["pass_at_k"][str(k)] for k in ks], marker="o")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.set_xlabel("k")
+        ax.set_ylabel("pass@k (%)")
+        ax.set_ylim(0, 100)
+    elif m.get("by_subject") and len(m["by_subject"]) > 1:
+        groups = list(m["by_subject"].items())
+        ax.barh([g for g, _ in groups], [100 * v["accuracy"] for _, v in groups])
+        ax.set_xlabel("accuracy (%)")
+        ax.set_xlim(0, 100)
+        ax.tick_params(axis="y", labelsize=7)
+    elif m.get("failure_reasons") or m.get("accuracy") is not None:
+        labels = ["pass"] + [_short(r, 28) for r in list(m.get("failure_reasons", {}))[:5]]
+        vals = [round(m["accuracy"] * m["n_rows"])] + list(m.get("failure_reasons", {}).values())[:5]
+        ax.barh(labels[::-1], vals[::-1])
+        ax.set_xlabel("completions")
+        ax.tick_params(axis="y", labelsize=7)
+    else:
+        return False
+    ax.set_title(f"{task}: {Path(str(summary['target'])).name}", fontsize=9)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 def write_report(out_dir: Path, summary: dict, rows: list[dict]) -> Path:
