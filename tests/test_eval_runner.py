@@ -270,7 +270,7 @@ def test_naive_backend_is_greedy(ckpt):
     assert logits[len(prompt_ids) - 1:-1].argmax(-1).tolist() == new_ids
     if len(new_ids) < 4:  # it stopped: the next argmax is an end token
         assert int(logits[-1].argmax()) in be.stop_ids
-    assert be.generate([req]) == be.generate([req])  # deterministic
+    assert be.generate_ids(req) == (prompt_ids, new_ids)  # deterministic
 
 
 def test_cli_end_to_end_and_errors(ckpt, tmp_path, capsys):
@@ -298,3 +298,18 @@ def test_cli_end_to_end_and_errors(ckpt, tmp_path, capsys):
     assert main(["eval", "oracle", "--task", "ppl", "--out", str(tmp_path / "w")]) == 1
     assert main(["eval", "http://localhost:1", "--task", "ppl", "--data", str(data), "--out", str(tmp_path / "v")]) == 1
     assert "logits" in capsys.readouterr().err
+
+
+def test_demo_api(ckpt, tmp_path):
+    """What the training demo calls: arithmetic accuracy and validation perplexity."""
+    from moonlet.eval import arith_accuracy, validation_perplexity
+
+    data = tmp_path / "a.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{a} + {a} =", "answer": str(2 * a)}) + "\n" for a in range(4)))
+    acc = arith_accuracy(CallableBackend(lambda r: "0" if "0 +" in prompt_text(r) else "7"), data=data)
+    assert acc == pytest.approx(0.25)
+    text = tmp_path / "val.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 6)
+    m = validation_perplexity(str(ckpt), text, window=32)
+    assert m["perplexity"] == pytest.approx(math.exp(m["nll_per_token"])) and m["bits_per_byte"] > 0
+    assert m["stride"] == 16 and m["n_tokens"] > 0
