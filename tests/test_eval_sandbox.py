@@ -169,3 +169,20 @@ def test_stdio_mode(sbx_tmp):
     # real numbers compare with 1e-6 relative tolerance, tokens otherwise exactly
     assert sb.run_stdio("print('%.7f' % (1/3))\n", [{"input": "", "output": "0.333333333"}]).passed
     assert not sb.run_stdio("print('%.2f' % (1/3))\n", [{"input": "", "output": "0.333333333"}]).passed
+
+
+def test_fallback_without_namespaces_still_guarded(sbx_tmp, tmp_path, listener):
+    """Machines without a working `unshare`: rlimits, process group and the Python guard remain."""
+    nonce = uuid.uuid4().hex[:8]
+    outside = [str(tmp_path / f"escape-{nonce}.txt")]
+    programs = hostile_programs(nonce, listener.getsockname()[1], outside, guard=True)
+    programs = {k: programs[k] for k in ("memory", "forkbomb", "write_outside", "network", "kill_parent", "good")}
+    results = run_suite(Sandbox(LIMITS, isolation="none"), programs)
+    for name, res in results.items():
+        assert res.passed == (name == "good"), (name, res)
+    assert "memory" in results["memory"].reason.lower()
+    assert "process creation blocked" in results["forkbomb"].reason
+    assert "write outside the working directory blocked" in results["write_outside"].reason
+    assert "network access blocked" in results["network"].reason
+    assert "signal to another process blocked" in results["kill_parent"].reason
+    assert not Path(outside[0]).exists() and leftover_processes(str(sbx_tmp)) == []

@@ -126,9 +126,26 @@ def _set_limits(limits: dict) -> None:
     cpu = max(1, int(limits["cpu_seconds"] + 0.999))
     lim(resource.RLIMIT_CPU, cpu, cpu + 1)
     lim(resource.RLIMIT_FSIZE, int(limits["file_size_mb"]) * mb)
-    lim(resource.RLIMIT_NPROC, int(limits["max_processes"]))
+    # RLIMIT_NPROC counts every process of the real uid. A sandbox uid (root) or a fresh user
+    # namespace starts near zero; a plain unprivileged user gets headroom over what it already runs.
+    nproc = int(limits["max_processes"])
+    if os.geteuid() != 0:
+        nproc += _processes_of(os.getuid())
+    lim(resource.RLIMIT_NPROC, nproc)
     lim(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
     lim(resource.RLIMIT_CORE, 0)
+
+
+def _processes_of(uid: int) -> int:
+    n = 0
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    n += 1
+            except OSError:
+                pass
+    return n
 
 
 def _drop_root(spec: dict, work: str, libc) -> None:
@@ -140,8 +157,8 @@ def _drop_root(spec: dict, work: str, libc) -> None:
     try:
         with open("/proc/self/uid_map") as f:
             fields = f.read().split()
-        if fields[:2] != ["0", "0"]:
-            return  # a user namespace: we cannot switch to unmapped ids
+        if fields != ["0", "0", "4294967295"]:
+            return  # inside a user namespace: there are no other ids to switch to
     except OSError:
         pass
     if not _expose_interpreter(libc) if (libc and spec.get("private_tmp")) else \
