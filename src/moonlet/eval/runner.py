@@ -144,8 +144,6 @@ def _prepare_out(out: Path, run: dict, overwrite: bool) -> None:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {run.get(k)!r}" for k in diff)
             raise EvalError(f"{out} holds a run with different settings ({detail}); "
                             "use another --out or --overwrite")
-        if old.get("limit") != run.get("limit"):
-            pass  # a different limit only changes which items are evaluated: rows stay valid
     atomic_write_text(run_file, json.dumps(run, indent=2) + "\n")
 
 
@@ -259,7 +257,19 @@ def _oracle(items: list, prompts: dict[str, T.Prompt], task: str) -> CallableBac
     return CallableBackend(lambda r: table[r.prompt], name="oracle")
 
 
-def _make_backend(target: Any, opts: EvalOptions, api_model: str | None, api_key: str | None) -> Backend:
+def _make_backend(target: Any, opts: EvalOptions, api_model: str | None, api_key: str | None,
+                  model: Any = None, tokenizer: Any = None) -> Backend:
+    if target is None and model is not None:  # an in-memory model (e.g. right after training)
+        if tokenizer is None:
+            raise EvalError("an in-memory model needs its tokenizer (tokenizer=)")
+        if opts.backend == "engine":
+            try:
+                from moonlet.infer.engine import Engine
+            except ImportError:
+                Engine = None
+            if Engine is not None:
+                return EngineBackend(Engine(model, tokenizer=tokenizer), tokenizer, name="in-memory model")
+        return NaiveBackend(model, tokenizer, name="in-memory model")
     if hasattr(target, "generate") and not isinstance(target, (str, os.PathLike)):
         if hasattr(target, "name"):
             return target  # already a Backend
@@ -283,7 +293,8 @@ def evaluate(target: Any = None, task: str = "math", *, data: str | os.PathLike 
             an Engine, or "oracle" (each item's reference solution; checks a data set).
     task:   "math" | "arith" | "code" | "ppl".
     data:   a JSONL/text file or a built-in set (humaneval, math-sample, code-stdio-sample).
-    model/tokenizer: in-memory model for "ppl" (skips loading).
+    model/tokenizer: an in-memory CausalLM + tokenizer instead of a target (skips loading; generation
+            through moonlet's engine when available, else the naive decoder).
     kw:     any EvalOptions field (samples=, temperature=, limit=, ...).
     """
     opts = options or EvalOptions()
@@ -301,7 +312,8 @@ def evaluate(target: Any = None, task: str = "math", *, data: str | os.PathLike 
     out_dir = Path(out) if out is not None else None
     if task == "ppl":
         return _evaluate_ppl(target, data, out_dir, opts, model, tokenizer, overwrite, progress)
-    return _evaluate_generation(target, task, data, out_dir, opts, api_model, api_key, overwrite, progress)
+    return _evaluate_generation(target, task, data, out_dir, opts, api_model, api_key, overwrite, progress,
+                                model, tokenizer)
 
 
 def _target_name(target: Any) -> str:
@@ -312,7 +324,8 @@ def _target_name(target: Any) -> str:
     return getattr(target, "name", type(target).__name__)
 
 
-def _evaluate_generation(target, task, data, out, opts, api_model, api_key, overwrite, progress) -> dict:
+def _evaluate_generation(target, task, data, out, opts, api_model, api_key, overwrite, progress,
+                         model=None, tokenizer=None) -> dict:
     items, data_path = load_items(task, data, opts)
     chat = opts.chat
     if chat is None:
@@ -351,7 +364,7 @@ def _evaluate_generation(target, task, data, out, opts, api_model, api_key, over
             if target == "oracle":
                 backend = _oracle(items, prompts, task)
             else:
-                backend = _make_backend(target, opts, api_model, api_key)
+                backend = _make_backend(target, opts, api_model, api_key, model, tokenizer)
             _run_pending(pending, prompts, backend, task, opts, max_new, store, sandbox, bar)
     finally:
         bar.close()
@@ -410,7 +423,11 @@ def _run_pending(pending, prompts, backend, task, opts, max_new, store, sandbox,
 def _grade_code_row(item, completion, base, sandbox, store, bar) -> None:
     from .code_grader import humaneval_program, stdio_program
 
-    program = humaneval_program(item, completion) if item.style == "humaneval" else stdio_program(completion)
+    if item.style == "humaneval":  # the code that ran, without the task's tests
+        program = humaneval_program(item, completion)
+        program = program[:program.rfind(item.test)].rstrip() + "\n"
+    else:
+        program = stdio_program(completion)
     res = grade_code(item, completion, sandbox)
     store.add({**base, "extracted": program, "verdict": "pass" if res.passed else "fail", "reason": res.reason,
                "status": res.status, "duration": round(res.duration, 3), "tests_passed": res.tests_passed})
