@@ -12,6 +12,11 @@ import sys
 
 # command name -> module under moonlet.commands (add a line to add a command)
 COMMANDS: dict[str, str] = {
+    "tokenizer": "tokenizer",
+    "train": "train",
+    "sft": "sft",
+    "plot": "plot",
+    "demo": "demo",
 }
 
 
