@@ -9,7 +9,7 @@ softmax sees it) and at the end, heads clipped, and mean step time relative to A
 The MuonClip runs: tau = 100 (Kimi-K2's value) and a binding tau (`--tau-low`, set below the
 logits plain Muon reaches here), to show the clip capping the logit and what it costs in loss.
 
-    python bench/optim.py                      # defaults: 300 steps of 16 x 256 tokens, ~15 min on 2 cores
+    python bench/optim.py                      # defaults: 150 steps of 16 x 256 tokens per run, 4 runs
     python bench/optim.py --steps 50 --quick   # a smoke run
 """
 
@@ -35,11 +35,11 @@ from moonlet.train.trainer import TrainArgs, Trainer  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr-adamw", type=float, default=3e-3)
-    ap.add_argument("--lr-muon", type=float, default=6e-3)
+    ap.add_argument("--lr-muon", type=float, default=1e-2)
     ap.add_argument("--tau-low", type=float, default=5.0,
                     help="a QK-clip threshold that binds on this small model (plain Muon's logits exceed it)")
     ap.add_argument("--seed", type=int, default=0)

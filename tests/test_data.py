@@ -234,3 +234,16 @@ def test_answer_extraction_and_expression_evaluator():
             if rng.random() < 0.3:
                 expr = f"({expr})"
         assert _eval(expr) == eval(expr)  # noqa: S307 - test oracle on generated digits/operators only
+
+
+def test_tokenizer_cli(tmp_path, capsys):
+    from moonlet.cli import main
+
+    (tmp_path / "a.txt").write_text(bundled_documents("val")[0][:50_000])
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "a.txt"), "--vocab-size", "320",
+                 "--out", str(tmp_path / "tok")]) == 0
+    tok = Tokenizer.from_file(tmp_path / "tok")
+    assert tok.vocab_size == 320 and tok.chat_template == CHAT_TEMPLATE
+    assert main(["tokenizer", "encode", str(tmp_path / "tok"), "Fair is foul"]) == 0
+    assert "tokens:" in capsys.readouterr().out
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "t2")]) == 1

@@ -253,6 +253,6 @@ def test_cli_train_resume_plot_sft(tmp_path, tok):
     assert main(["plot", str(run)]) == 0 and (run / "loss.png").stat().st_size > 10_000
     write_chat_jsonl(generate(60, levels=(1,)), tmp_path / "chat.jsonl")
     assert main(["sft", "--init", str(run), "--data", str(tmp_path / "chat.jsonl"), "--out", str(tmp_path / "sft"),
-                 "--steps", "2", *common]) == 0
+                 "--steps", "2", "--precision", "bf16", *common]) == 0
     args = json.loads((resolve_checkpoint(tmp_path / "sft") / "train_args.json").read_text())
     assert args["options"]["mode"] == "sft" and args["options"]["init"].endswith("step_0000003")

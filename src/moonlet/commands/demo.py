@@ -25,7 +25,7 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="tokenizer + pretraining + SFT + evaluation + generations, in minutes on a CPU",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo; a previous demo there is replaced)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default 600)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default 300)")
     p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 250)")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke run (few steps; numbers meaningless)")
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     (out / MARKER).write_text("created by `moonlet demo`; the next demo run replaces this directory\n")
     q = args.quick
-    pre_steps = args.pretrain_steps or (20 if q else 600)
+    pre_steps = args.pretrain_steps or (20 if q else 300)
     sft_steps = args.sft_steps or (10 if q else 250)
     seed = args.seed
     timings: dict[str, float] = {}
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     _section(f"2. pretraining the tiny preset for {pre_steps} steps (MLA + MoE with groups + MTP, MuonClip)")
     t = time.perf_counter()
     pre_opts = dict(model="tiny", out=str(out / "pretrain"), tokenizer=str(out / "tokenizer"), steps=pre_steps,
-                    batch_size=16, seq_len=256, lr=6e-3, warmup_steps=min(30, pre_steps // 5), optimizer="muonclip",
-                    eval_interval=max(1, pre_steps // 6), eval_batches=0 if not q else 2,
+                    batch_size=16, seq_len=256, lr=1e-2, warmup_steps=min(30, pre_steps // 5), optimizer="muonclip",
+                    eval_interval=max(1, pre_steps // 6), eval_batches=6 if not q else 2,
                     log_interval=max(1, pre_steps // 30), seed=seed, min_lr_ratio=0.05)
     pre = run_training(pre_opts, mode="pretrain", progress=False)
     timings["pretrain_s"] = time.perf_counter() - t

@@ -23,7 +23,7 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
     def opt(group, *flags, help, **kw):
         dest = kw.get("dest") or flags[0].lstrip("-").replace("-", "_")
         d = D.get(dest)
-        if d not in (None, [], False) and "default:" not in help:
+        if d is not None and d != [] and d is not False and "default:" not in help:
             help += f" (default: {d})"
         group.add_argument(*flags, default=S, help=help, **kw)
 

@@ -67,7 +67,7 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             ax.plot([r["step"] for r in im], _ema([r["imbalance"][i] for r in im if len(r["imbalance"]) == n]),
                     lw=1, label=f"MoE layer {i}")
         ax.legend(fontsize=7)
-    ax.set_xlabel("step"), ax.set_title("expert load max/mean (EMA)"), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_title("expert load max/mean per MoE layer (MTP last), EMA"), ax.grid(alpha=0.3)
     fig.suptitle(str(Path(run_dir).name))
     fig.tight_layout()
     out = Path(out) if out is not None else Path(run_dir) / "loss.png"

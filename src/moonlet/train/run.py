@@ -184,6 +184,15 @@ def _check_vocab(model: CausalLM, tokenizer: Tokenizer, where) -> None:
                          f"{model.config.vocab_size} embeddings; use the tokenizer the model was trained with")
 
 
+def training_stage(model: CausalLM, opts: dict) -> tuple[dict, dict]:
+    """Stage-specific training setup: (extra_losses, forward_kwargs) for the Trainer, after freezing
+    whatever the stage does not train (the optimizer only sees requires_grad parameters).
+
+    Plain pretraining/SFT: nothing. This is where DSA's stages plug in (the dense warm-up trains
+    only the lightning indexer with its KL loss; the sparse stage trains everything)."""
+    return {}, {}
+
+
 # ---- the run ----------------------------------------------------------------------------------------------
 def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], None] = print,
                  progress: bool | None = None) -> dict:
@@ -242,8 +251,10 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
     info = {"options": {**opts, "data": _abs(opts["data"]), "val_data": _abs(opts["val_data"]),
                         "init": str(init) if init else opts.get("init"), "out": str(run_dir)},
             "moonlet_version": __version__, "command": sys.argv}
+    extra_losses, forward_kwargs = training_stage(model, opts)
     trainer = Trainer(model, args, train_loader, val_loader, run_dir=run_dir, tokenizer=tokenizer, runtime=runtime,
-                      run_info=info, progress=progress, print_fn=say)
+                      run_info=info, extra_losses=extra_losses, forward_kwargs=forward_kwargs, progress=progress,
+                      print_fn=say)
     if ckpt is not None:
         trainer.resume(ckpt)
         say(f"resumed from {ckpt} at step {trainer.step}")

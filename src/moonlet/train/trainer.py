@@ -223,8 +223,10 @@ class Trainer:
                 cur = [m.detach().float() for m in out.max_logits]
                 max_logits = cur if max_logits is None else [torch.maximum(x, y) for x, y in zip(max_logits, cur)]
         loads = [None if x is None else self.runtime.all_reduce(x, "sum") for x in self.loads.take()]
-        bad = self.runtime.all_reduce(torch.tensor(0.0 if finite and n_micro else 1.0), "max")
-        grad_norm = self.runtime.clip_grad_norm_(self.params, a.grad_clip) if float(bad) == 0 else torch.tensor(float("nan"))
+        dev = self.runtime.device
+        bad = self.runtime.all_reduce(torch.tensor(0.0 if finite and n_micro else 1.0, device=dev), "max")
+        grad_norm = (self.runtime.clip_grad_norm_(self.params, a.grad_clip) if float(bad) == 0
+                     else torch.tensor(float("nan")))
         record_out: dict = {"step": self.step + 1, "lr": a.lr * lr_mult}
         if float(bad) > 0 or not torch.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -249,7 +251,7 @@ class Trainer:
         self.tokens_seen += n_tokens * self.runtime.world_size
         dt = time.perf_counter() - t0
         for k, v in sums.items():
-            record_out[k] = float(self.runtime.all_reduce(torch.tensor(v / max(1, n_micro)), "mean"))
+            record_out[k] = float(self.runtime.all_reduce(torch.tensor(v / max(1, n_micro), device=dev), "mean"))
         record_out.update(grad_norm=float(grad_norm), tokens=self.tokens_seen, step_time=dt,
                           tokens_per_s=n_tokens * self.runtime.world_size / dt)
         if max_logits is not None:
@@ -267,14 +269,14 @@ class Trainer:
             return None
         max_batches = self.args.eval_batches if max_batches is None else max_batches
         self.model.eval()
-        total = torch.zeros((), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.runtime.device)
         for batch in self.val_loader.eval_batches(max_batches or None):
             batch = batch.to(self.runtime.device)
             with self._autocast():
                 out = self.model(batch.input_ids, run_mtp=False, **self.forward_kwargs)
             total += F.cross_entropy(out.logits.float().flatten(0, 1), batch.labels.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").double().cpu()
+                                     ignore_index=IGNORE_INDEX, reduction="sum").double()
             count += float(batch.n_loss_tokens)
         self.loads.take()  # eval forwards must not move the balance bias
         total, count = self.runtime.all_reduce(total, "sum"), self.runtime.all_reduce(count, "sum")
