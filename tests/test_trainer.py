@@ -32,6 +32,16 @@ MICRO = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, nu
              first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The micro models here are all tiny matmuls: one thread is as fast on a quiet machine and
+    avoids OpenMP spin-wait slowdowns (10x+) when other processes share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(bundled_documents("val")[:1], vocab_size=400)

@@ -36,7 +36,7 @@ TRAIN_DEFAULTS: dict = dict(
 SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
                           min_lr_ratio=0.0, val_fraction=0.05)
 RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
-                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr"}
+                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer"}
 
 
 def make_runtime(opts: dict) -> Runtime:
@@ -50,6 +50,10 @@ def make_runtime(opts: dict) -> Runtime:
 def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
     """Defaults + saved run options (on resume) + the options given. Returns (options, checkpoint to resume)."""
     defaults = SFT_DEFAULTS if mode == "sft" else TRAIN_DEFAULTS
+    given = dict(given)
+    for k in ("data", "val_data"):  # compared with the saved run's on resume, so make them absolute
+        if given.get(k) is not None:
+            given[k] = _abs(given[k])
     opts = dict(defaults)
     ckpt = None
     out = given.get("out")
@@ -128,11 +132,12 @@ def token_streams(tokenizer: Tokenizer, opts: dict, run_dir: Path, print_fn) -> 
 
 
 def get_tokenizer(opts: dict, ckpt: Path | None, init: Path | None, run_dir: Path, print_fn) -> Tokenizer:
-    for source in (ckpt, init):
-        if source is not None and (source / "tokenizer.json").exists() and opts["tokenizer"] is None:
-            return Tokenizer.from_file(source)
+    if ckpt is not None and (ckpt / "tokenizer.json").exists():  # resuming: the run's own tokenizer
+        return Tokenizer.from_file(ckpt)
     if opts["tokenizer"] is not None:
         return Tokenizer.from_file(opts["tokenizer"])
+    if init is not None and (init / "tokenizer.json").exists():
+        return Tokenizer.from_file(init)
     if init is not None:
         raise ValueError(f"{init} has no tokenizer.json; pass --tokenizer PATH (the tokenizer the model was trained with)")
     if opts["mode"] == "sft":

@@ -219,6 +219,8 @@ class Trainer:
             sums["loss"] += float(loss.detach())
             for k, v in parts.items():
                 sums[k] += float(v.detach())
+            if out.mtp_losses:  # unweighted, for the log
+                sums["mtp_ce"] += float(torch.stack(out.mtp_losses).detach().mean())
             if record and out.max_logits:
                 cur = [m.detach().float() for m in out.max_logits]
                 max_logits = cur if max_logits is None else [torch.maximum(x, y) for x, y in zip(max_logits, cur)]
@@ -430,7 +432,7 @@ class Trainer:
         mean = lambda k: sum(x.get(k, 0.0) for x in window) / len(window)  # noqa: E731
         tok_s = sum(x["tokens_per_s"] * x["step_time"] for x in window) / max(1e-9, sum(x["step_time"] for x in window))
         s = (f"step {self.step:>6}/{self.args.steps} | loss {mean('loss'):.4f} (ce {mean('ce'):.3f}"
-             + (f" mtp {mean('mtp'):.3f}" if "mtp" in r else "") + ")"
+             + (f", mtp ce {mean('mtp_ce'):.3f}" if "mtp_ce" in r else "") + ")"
              + f" | lr {r['lr']:.2e} | gnorm {mean('grad_norm'):.2f} | {tok_s:,.0f} tok/s")
         if "max_logit" in r:
             s += f" | max logit {r['max_logit']:.1f}"
