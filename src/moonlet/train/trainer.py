@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
@@ -162,7 +162,7 @@ class Trainer:
         self.skipped_steps = 0
         self.nonfinite_streak = 0
         self.last_val: float | None = None
-        self.history: list[dict] = []  # train/val records of this process (also in metrics.jsonl)
+        self.history: deque[dict] = deque(maxlen=20_000)  # recent train/val records (all are in metrics.jsonl)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir and self.runtime.is_main else None
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.runtime.is_main
         self._stop_reason: str | None = None
@@ -364,7 +364,7 @@ class Trainer:
 
             bar = tqdm(total=a.steps, initial=self.step, unit="step", dynamic_ncols=True, leave=True)
         say = bar.write if bar is not None else self.print
-        start, train_time, window = time.perf_counter(), 0.0, []
+        start, train_time, train_tokens, window = time.perf_counter(), 0.0, 0, []
         ckpt = None
         try:
             if self.step == 0 and self.val_loader is not None and a.eval_interval:
@@ -372,6 +372,7 @@ class Trainer:
             while self.step < a.steps:
                 rec = self.train_step()
                 train_time += rec["step_time"]
+                train_tokens += rec["tokens_per_s"] * rec["step_time"]
                 window.append(rec)
                 if rec.get("skipped"):
                     say(f"step {rec['step']}: skipped ({rec['reason']}); {self.nonfinite_streak} in a row")
@@ -413,8 +414,7 @@ class Trainer:
                 signal.signal(sig, h)
         return {"step": self.step, "tokens": self.tokens_seen, "val_loss": self.last_val,
                 "train_time_s": train_time, "wall_time_s": time.perf_counter() - start,
-                "tokens_per_s": (sum(r.get("tokens_per_s", 0) * r.get("step_time", 0) for r in self.history
-                                     if r.get("kind") == "train") / max(train_time, 1e-9)),
+                "tokens_per_s": train_tokens / max(train_time, 1e-9),
                 "skipped_steps": self.skipped_steps, "checkpoint": str(ckpt) if ckpt else None,
                 "stopped": self._stop_reason}
 
