@@ -14,6 +14,11 @@ import sys
 COMMANDS: dict[str, str] = {
     "convert": "convert",
     "eval": "eval",
+    "tokenizer": "tokenizer",
+    "train": "train",
+    "sft": "sft",
+    "plot": "plot",
+    "demo": "demo",
 }
 
 

@@ -1,0 +1,276 @@
+"""Assemble a training run from options: tokenizer, data, model, loaders, Trainer. Used by
+`moonlet train`, `moonlet sft` and `moonlet demo` (and by torchrun launches, through `make_runtime`).
+
+Options are a flat dict (the CLI flags, underscored); `TRAIN_DEFAULTS` / `SFT_DEFAULTS` fill the
+rest. Resuming reads the run's saved options back from the checkpoint's train_args.json; only the
+options in `RESUME_OVERRIDABLE` may change on resume (the others decide the data order or the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import __version__
+from ..config import ConfigError, ModelConfig, resolve_config
+from ..data.corpus import (BUNDLED, bundled_documents, read_chat_documents, read_text_documents,
+                           train_val_split)
+from ..data.loader import ChatLoader, PackedTextLoader, TokenStream
+from ..data.tokenizer import Tokenizer, train_tokenizer
+from ..model import CausalLM
+from .checkpoint import list_checkpoints, load_model, load_train_args, resolve_checkpoint
+from .runtime import Runtime
+from .trainer import TrainArgs, Trainer
+
+TRAIN_DEFAULTS: dict = dict(
+    model="tiny", data=None, val_data=None, val_fraction=0.02, tokenizer=None, vocab_size=None, init=None,
+    resume=None, set=[], device="cpu", **asdict(TrainArgs()),
+)
+SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
+                          min_lr_ratio=0.0, val_fraction=0.05)
+RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
+                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer"}
+
+
+def make_runtime(opts: dict) -> Runtime:
+    """The process topology. Single process; moonlet.dist will return its runtime under torchrun."""
+    device = opts.get("device", "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Runtime(device)
+
+
+def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
+    """Defaults + saved run options (on resume) + the options given. Returns (options, checkpoint to resume)."""
+    defaults = SFT_DEFAULTS if mode == "sft" else TRAIN_DEFAULTS
+    given = dict(given)
+    for k in ("data", "val_data"):  # compared with the saved run's on resume, so make them absolute
+        if given.get(k) is not None:
+            given[k] = _abs(given[k])
+    opts = dict(defaults)
+    ckpt = None
+    out = given.get("out")
+    if given.get("resume") is not None:
+        target = given["resume"] if given["resume"] not in ("", True, "latest") else out
+        if target is None:
+            raise ValueError("--resume needs a run directory: pass --out RUN_DIR or --resume PATH")
+        ckpt = resolve_checkpoint(target)
+        saved = load_train_args(ckpt).get("options", {})
+        if saved.get("mode", mode) != mode:
+            raise ValueError(f"{ckpt} is a {saved.get('mode')} run; resume it with `moonlet {saved.get('mode')}`")
+        opts.update({k: v for k, v in saved.items() if k in defaults or k in ("out", "mode")})
+        for k, v in given.items():
+            if k in RESUME_OVERRIDABLE:
+                continue
+            if k in saved and saved[k] != v:
+                raise ValueError(f"--{k.replace('_', '-')} cannot change when resuming (the run used {saved[k]!r}, "
+                                 f"got {v!r}); start a new run with --init {ckpt} instead")
+        if out is None:
+            out = saved.get("out") or str(ckpt.parent.parent)
+    opts.update(given)
+    opts["out"] = out
+    opts["mode"] = mode
+    if opts["out"] is None:
+        raise ValueError("--out RUN_DIR is required")
+    TrainArgs.from_dict(opts).validate()
+    return opts, ckpt
+
+
+# ---- pieces ------------------------------------------------------------------------------------------------
+def _abs(paths):
+    return None if paths is None else [str(Path(p).resolve()) for p in paths]
+
+
+def _fingerprint(tokenizer: Tokenizer, paths: list[str] | None, extra: str) -> str:
+    h = hashlib.sha256(tokenizer._tok.to_str().encode())
+    for p in paths or [str(BUNDLED)]:
+        st = os.stat(p)
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(extra.encode())
+    return h.hexdigest()[:16]
+
+
+def text_documents(opts: dict) -> tuple[list[str], list[str]]:
+    """(train, val) documents: the bundled corpus' split, or the user's files (+ --val-data or a split)."""
+    if opts["data"] is None:
+        train = bundled_documents("train")
+        val = bundled_documents("val") if opts["val_data"] is None else read_text_documents(opts["val_data"])
+        return train, val
+    docs = read_text_documents(opts["data"])
+    if not docs:
+        raise ValueError(f"no text found in {opts['data']}")
+    if opts["val_data"] is not None:
+        return docs, read_text_documents(opts["val_data"])
+    return train_val_split(docs, opts["val_fraction"], opts["seed"])
+
+
+def token_streams(tokenizer: Tokenizer, opts: dict, run_dir: Path, print_fn) -> tuple[TokenStream, TokenStream]:
+    """Tokenised train/val streams, cached in RUN_DIR/data/ (keyed by tokenizer and files)."""
+    key = _fingerprint(tokenizer, (opts["data"] or []) + (opts["val_data"] or []) or None,
+                       f"{opts['val_fraction']}:{opts['seed']}")
+    cache = run_dir / "data"
+    paths = {s: cache / f"{s}-{key}.npz" for s in ("train", "val")}
+    if all(p.exists() for p in paths.values()):
+        return TokenStream.load(paths["train"]), TokenStream.load(paths["val"])
+    train_docs, val_docs = text_documents(opts)
+    print_fn(f"tokenizing {len(train_docs)} train / {len(val_docs)} val documents "
+             f"({sum(map(len, train_docs)) / 1e6:.1f}M / {sum(map(len, val_docs)) / 1e6:.2f}M characters)")
+    streams = TokenStream.from_documents(tokenizer, train_docs), TokenStream.from_documents(tokenizer, val_docs)
+    cache.mkdir(parents=True, exist_ok=True)
+    for s, stream in zip(("train", "val"), streams):
+        tmp = paths[s].with_name(paths[s].stem + ".tmp.npz")
+        stream.save(tmp)
+        os.replace(tmp, paths[s])
+    return streams
+
+
+def get_tokenizer(opts: dict, ckpt: Path | None, init: Path | None, run_dir: Path, print_fn) -> Tokenizer:
+    if ckpt is not None and (ckpt / "tokenizer.json").exists():  # resuming: the run's own tokenizer
+        return Tokenizer.from_file(ckpt)
+    if opts["tokenizer"] is not None:
+        return Tokenizer.from_file(opts["tokenizer"])
+    if init is not None and (init / "tokenizer.json").exists():
+        return Tokenizer.from_file(init)
+    if init is not None:
+        raise ValueError(f"{init} has no tokenizer.json; pass --tokenizer PATH (the tokenizer the model was trained with)")
+    if opts["mode"] == "sft":
+        raise ValueError("SFT needs the model's tokenizer: pass --init CHECKPOINT (with tokenizer.json) or --tokenizer")
+    own = run_dir / "tokenizer"
+    if (own / "tokenizer.json").exists():
+        return Tokenizer.from_file(own)
+    vocab = opts["vocab_size"] or resolve_config(opts["model"]).vocab_size
+    docs, _ = text_documents(opts)
+    print_fn(f"training a {vocab}-token byte-level BPE on {sum(map(len, docs)) / 1e6:.1f}M characters -> {own}")
+    tok = train_tokenizer(docs, vocab_size=vocab)
+    tok.save(own)
+    return tok
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["hidden_size=256", "n_group=1"] -> {"hidden_size": 256, "n_group": 1} (values parsed as JSON)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def build_config(opts: dict, tokenizer: Tokenizer) -> ModelConfig:
+    cfg = resolve_config(opts["model"])
+    changes = parse_overrides(opts["set"])
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"--set: unknown config field {unknown[0]!r}")
+    changes.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+                   pad_token_id=tokenizer.pad_id)
+    cfg = cfg.replace(**changes)
+    if opts["seq_len"] > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-len {opts['seq_len']} exceeds the model's max_position_embeddings "
+                          f"({cfg.max_position_embeddings})")
+    return cfg
+
+
+def _check_vocab(model: CausalLM, tokenizer: Tokenizer, where) -> None:
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model in {where} only "
+                         f"{model.config.vocab_size} embeddings; use the tokenizer the model was trained with")
+
+
+def training_stage(model: CausalLM, opts: dict) -> tuple[dict, dict]:
+    """Stage-specific training setup: (extra_losses, forward_kwargs) for the Trainer, after freezing
+    whatever the stage does not train (the optimizer only sees requires_grad parameters).
+
+    Plain pretraining/SFT: nothing. This is where DSA's stages plug in (the dense warm-up trains
+    only the lightning indexer with its KL loss; the sparse stage trains everything)."""
+    return {}, {}
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], None] = print,
+                 progress: bool | None = None) -> dict:
+    """Train (mode "pretrain") or fine-tune on chat data (mode "sft") as the options say; returns the
+    trainer's summary plus "run_dir"."""
+    opts, ckpt = resolve_options(given, mode)
+    runtime = make_runtime(opts)
+    say = print_fn if runtime.is_main else (lambda *_: None)
+    run_dir = Path(opts["out"])
+    if ckpt is None and list_checkpoints(run_dir):
+        raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out")
+    if mode == "sft" and opts["init"] is None and ckpt is None:
+        raise ValueError("moonlet sft needs --init CHECKPOINT_OR_RUN_DIR (the model to fine-tune)")
+    init = resolve_checkpoint(opts["init"]) if opts["init"] is not None and ckpt is None else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = TrainArgs.from_dict(opts)
+    torch.manual_seed(args.seed)
+
+    tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
+    if ckpt is not None or init is not None:
+        model = load_model(ckpt or init)
+        _check_vocab(model, tokenizer, ckpt or init)
+    else:
+        model = CausalLM(build_config(opts, tokenizer)).init_weights(seed=args.seed)
+    model = model.float().train()
+    depth = model.config.num_nextn_predict_layers
+    shard = dict(seed=args.seed, rank=runtime.rank, world_size=runtime.world_size, mtp_depth=depth)
+
+    if mode == "sft":
+        convs = read_chat_documents(opts["data"]) if opts["data"] else None
+        if convs is None:
+            raise ValueError("moonlet sft needs --data CHAT.jsonl")
+        if opts["val_data"] is not None:
+            val_convs = read_chat_documents(opts["val_data"])
+        else:
+            convs, val_convs = train_val_split(convs, opts["val_fraction"], args.seed)
+        enc = [tokenizer.encode_chat(c) for c in convs]
+        val_enc = [tokenizer.encode_chat(c) for c in val_convs]
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        train_loader = ChatLoader(enc, pad, args.batch_size, args.seq_len, **shard)
+        val_loader = ChatLoader(val_enc, pad, args.batch_size, args.seq_len, **dict(shard, shuffle=False))
+        say(f"SFT data: {len(enc)} train / {len(val_enc)} val conversations, "
+            f"{train_loader.num_rows(0)} packed rows of {args.seq_len + 1} tokens, "
+            f"{100 * train_loader.assistant_fraction:.0f}% of tokens are the assistant's (the loss covers only those)")
+    else:
+        train_stream, val_stream = token_streams(tokenizer, opts, run_dir, say)
+        train_loader = PackedTextLoader(train_stream, args.batch_size, args.seq_len, **shard)
+        val_loader = PackedTextLoader(val_stream, args.batch_size, args.seq_len, **dict(shard, shuffle=False))
+        say(f"data: {len(train_stream):,} train / {len(val_stream):,} val tokens; "
+            f"{train_loader.num_rows(0) // (train_loader.global_batch * args.grad_accum)} steps per epoch "
+            f"at {args.batch_size * args.grad_accum * runtime.world_size} x {args.seq_len} tokens per step")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"model: {opts.get('model') or (ckpt or init)} ({n_params / 1e6:.2f}M parameters), optimizer {args.optimizer}, "
+        f"lr {args.lr:g} ({args.schedule}), {args.steps} steps, run dir {run_dir}")
+    info = {"options": {**opts, "data": _abs(opts["data"]), "val_data": _abs(opts["val_data"]),
+                        "init": str(init) if init else opts.get("init"), "out": str(run_dir)},
+            "moonlet_version": __version__, "command": sys.argv}
+    extra_losses, forward_kwargs = training_stage(model, opts)
+    trainer = Trainer(model, args, train_loader, val_loader, run_dir=run_dir, tokenizer=tokenizer, runtime=runtime,
+                      run_info=info, extra_losses=extra_losses, forward_kwargs=forward_kwargs, progress=progress,
+                      print_fn=say)
+    if ckpt is not None:
+        trainer.resume(ckpt)
+        say(f"resumed from {ckpt} at step {trainer.step}")
+    summary = trainer.fit()
+    if runtime.is_main:
+        try:
+            from .plot import plot_run
+
+            summary["plot"] = str(plot_run(run_dir))
+        except Exception as e:  # a plot must never lose a finished run
+            say(f"(could not draw the loss curve: {e})")
+    summary["run_dir"] = str(run_dir)
+    summary["trainer"] = trainer
+    return summary
