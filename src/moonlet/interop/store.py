@@ -87,7 +87,7 @@ class SafetensorsDir:
             try:
                 h = safe_open(str(fp), framework="pt")
             except Exception as e:  # truncated or not a safetensors file
-                raise CheckpointError(f"cannot read {fp}: {e}") from None
+                raise CheckpointError(f"cannot read {fp}: the file is corrupt or truncated ({e})") from None
             self._handles[file] = h
         return h
 
@@ -125,7 +125,7 @@ class SafetensorsDir:
         except CheckpointError:
             raise
         except Exception as e:  # e.g. a shard truncated after its header
-            raise CheckpointError(f"cannot read tensor {name} from {self.path / self._where[name]}: {e}") from None
+            raise CheckpointError(f"cannot read tensor {name} from {self.path / self._where[name]}: the file is corrupt or truncated ({e})") from None
         return t if dtype is None else t.to(dtype)
 
     def close(self) -> None:
