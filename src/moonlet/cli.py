@@ -13,6 +13,7 @@ import sys
 # command name -> module under moonlet.commands (add a line to add a command)
 COMMANDS: dict[str, str] = {
     "info": "info",
+    "plan": "plan",
 }
 
 
