@@ -353,7 +353,7 @@ def format_plan(p: Plan, name: str) -> str:
         f"  per trillion tokens        {p.gpu_hours_per_trillion / 1e3:,.1f}K GPU-hours, "
         f"${p.cost_per_trillion / 1e6:,.3f}M at ${a.price:g}/GPU-hour, "
         f"{p.gpu_hours_per_trillion / a.gpus / 24:.2f} days on {a.gpus} GPUs",
-        f"  for {a.tokens / 1e12:g}T tokens            {p.gpu_hours / 1e6:,.3f}M GPU-hours, ${p.cost / 1e6:,.3f}M, "
+        f"  {'for %gT tokens' % (a.tokens / 1e12):<27}{p.gpu_hours / 1e6:,.3f}M GPU-hours, ${p.cost / 1e6:,.3f}M, "
         f"{p.days:.1f} days",
     ]
     for n in p.notes:
