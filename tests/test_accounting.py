@@ -95,7 +95,23 @@ def test_active_params_from_modules():
 
 
 # ---- FLOPs against torch's FLOP counter on a real forward/backward ------------------------------
+def _count_grouped_mm() -> None:
+    """torch's counter has no formula for grouped_mm (the MoE's expert GEMMs): each row of the output
+    is one token's product, so FLOPs = 2 x rows x cols of the per-token output x the reduction length."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    if torch.ops.aten._grouped_mm in flop_registry:
+        return
+
+    @register_flop_formula(torch.ops.aten._grouped_mm)
+    def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+        per_row = out_shape[-2] * out_shape[-1] if len(out_shape) == 3 else out_shape[-1]
+        rows = 1 if len(out_shape) == 3 else out_shape[0]
+        return 2 * rows * per_row * a_shape[-1]
+
+
 def test_flops_match_torch_flop_counter():
+    _count_grouped_mm()
     cfg = preset("tiny").replace(num_nextn_predict_layers=1)
     model = CausalLM(cfg).init_weights(seed=0)
     B, T = 2, 24

@@ -157,7 +157,9 @@ class CausalLM(nn.Module):
         positions [B, T]: absolute positions (default 0..T-1); required with a cache, where they are
           also the cache slots written.
         cache: per-layer LayerCache (main layers, then MTP depths), as built by moonlet.infer.cache.
-        absorbed: attention form (default: absorbed with a cache, naive without).
+        absorbed: attention form (default: absorbed with a cache; without one, absorbed only where it
+          costs no more FLOPs than naive, i.e. 2 * kv_lora_rank <= qk_nope_head_dim + v_head_dim, since
+          its one shared latent "head" makes far better-shaped matmuls).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -165,7 +167,8 @@ class CausalLM(nn.Module):
                 raise ValueError("positions are required when a cache is passed")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if absorbed is None:
-            absorbed = cache is not None
+            c = self.config
+            absorbed = cache is not None or 2 * c.kv_lora_rank <= c.qk_nope_head_dim + c.v_head_dim
         x = self.model.embed_tokens(input_ids)
         ctx = make_context(self.model.rotary, positions, x.dtype, cache is not None, absorbed, record_max_logit)
         hidden, stats = self.model(x, ctx, cache)
@@ -205,7 +208,7 @@ class CausalLM(nn.Module):
             if Tk <= 0:
                 break
             ctx_k = AttnContext(ctx.cos_BTR[:, :Tk], ctx.sin_BTR[:, :Tk], ctx.positions_BT[:, :Tk],
-                                record_max_logit=record_max_logit)
+                                absorbed=ctx.absorbed, record_max_logit=record_max_logit)
             emb = self.model.embed_tokens(input_ids[:, k:])
             h, s = module(h[:, :Tk], emb, ctx_k)
             self._collect(out, [s], main=False)
