@@ -187,12 +187,16 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     """
     B, T, H, d = q_BTHd.shape
     G, e = k_BTGd.shape[2], v_BTGe.shape[-1]
+    q_BTHd = q_BTHd * scale
+    if torch.is_autocast_enabled(q_BTHd.device.type):  # cast once here, not in every block's matmul
+        dt = torch.get_autocast_dtype(q_BTHd.device.type)
+        q_BTHd, k_BTGd, v_BTGe = q_BTHd.to(dt), k_BTGd.to(dt), v_BTGe.to(dt)
     if G == 1:  # rows (token, head), token-major; keys shared: [B, T, d]
-        q = (q_BTHd * scale).reshape(B, T * H, d)
+        q = q_BTHd.reshape(B, T * H, d)
         k, v = k_BTGd.reshape(B, T, d), v_BTGe.reshape(B, T, e)
         rows = H
     elif G == H:  # one problem per (batch, head)
-        q = (q_BTHd * scale).transpose(1, 2).reshape(B * H, T, d)
+        q = q_BTHd.transpose(1, 2).reshape(B * H, T, d)
         k, v = k_BTGd.transpose(1, 2).reshape(B * H, T, d), v_BTGe.transpose(1, 2).reshape(B * H, T, e)
         rows = 1
     else:
@@ -206,8 +210,8 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
         visible = torch.ones(s1 - s0, s1, dtype=torch.bool, device=q.device).tril(s0)
         if rows > 1:
             visible = visible.repeat_interleave(rows, dim=0)
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype,
-                                                                                                 torch.float32))
+        # CPU softmax accumulates reduced-precision inputs in fp32 and rounds once at the output
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         outs.append(torch.bmm(probs.to(v.dtype), v[:, :s1]))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if G == 1:

@@ -100,25 +100,28 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
 
+    # data-dependent group sizes: run eagerly when the model is compiled (its GEMMs are library calls anyway)
+    @torch.compiler.disable
     def forward(self, x_ND: torch.Tensor, indices_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         N, K = indices_NK.shape
         flat = indices_NK.reshape(-1)
         order = flat.argsort(stable=True)  # (token, k) pairs grouped by expert
         token = order // K
         counts = torch.bincount(flat, minlength=self.n_experts)
-        x_sorted = x_ND[token]
         dtype = _compute_dtype(x_ND)
         if _grouped_mm_ok(x_ND.device, dtype):
             # one grouped GEMM per projection over the expert-sorted rows (no per-expert Python loop,
             # no host sync); grouped_mm is not autocast-aware, so cast to the compute dtype here
+            # (before the gather: N rows to cast instead of N * K)
             offs = counts.cumsum(0, dtype=torch.int32)
-            xs = x_sorted.to(dtype)
+            xs = x_ND.to(dtype)[token]
             gate = F.grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
             up = F.grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
             y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
         else:
             # unbind once: indexing the stacked weight per expert would make autograd build a full
             # [E, ...] zero gradient for every expert (E^2 work)
+            x_sorted = x_ND[token]
             w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
             outs, start = [], 0
             for e, n in enumerate(counts.tolist()):
@@ -140,12 +143,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's grouped GEMM runs this dtype here: fp32/bf16/fp16 on CPU (bf16 under compile), bf16 on CUDA >= SM80."""
+    """Whether torch's grouped GEMM runs this dtype here: fp32/bf16/fp16 on CPU, bf16 on CUDA >= SM80."""
     if not hasattr(F, "grouped_mm"):
         return False
-    if device.type == "cpu":  # fp32/bf16/fp16 kernels; under torch.compile its fake kernel accepts only bf16
-        if torch.compiler.is_compiling():
-            return dtype == torch.bfloat16
+    if device.type == "cpu":
         return dtype in (torch.float32, torch.bfloat16, torch.float16)
     return device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
 

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import AttnContext
 from .block import Block, BlockStats, LayerCache
+from .loss import cross_entropy
 from .moe import MoE, Experts, Router
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -175,8 +175,7 @@ class CausalLM(nn.Module):
         out = ModelOutput(logits=self.lm_head(hidden[:, -1:] if last_only else hidden), hidden=hidden)
         self._collect(out, stats)
         if labels is not None:
-            out.ce_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.reshape(-1),
-                                          ignore_index=IGNORE_INDEX)
+            out.ce_loss = cross_entropy(out.logits.flatten(0, 1), labels.reshape(-1), IGNORE_INDEX)
         if run_mtp is None:
             run_mtp = labels is not None and cache is None
         if run_mtp and len(self.mtp):
@@ -217,8 +216,7 @@ class CausalLM(nn.Module):
             if labels is not None:
                 target = labels[:, k:] if mtp_labels is None else mtp_labels[k - 1][:, :Tk]
                 if (target != IGNORE_INDEX).any():
-                    out.mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.reshape(-1),
-                                                          ignore_index=IGNORE_INDEX))
+                    out.mtp_losses.append(cross_entropy(logits.flatten(0, 1), target.reshape(-1), IGNORE_INDEX))
 
     # ---- interop ------------------------------------------------------------------------------------
     @classmethod
