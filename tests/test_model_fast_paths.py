@@ -71,3 +71,21 @@ def test_default_form_absorbed_when_not_costlier():
     for a, b in zip(g_default, g_naive):
         if a is not None:
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_equals_torch(dtype):
+    from moonlet.model.loss import cross_entropy
+
+    logits = (torch.randn(300, 1000, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, 1000, (300,))
+    target[::7] = -100  # ignored rows: no loss, zero gradient
+    ref = F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), target, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    out = cross_entropy(logits, target, -100)
+    (g,) = torch.autograd.grad(out, logits)
+    assert out.dtype == ref.dtype and g.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=0, atol=tol if dtype != torch.bfloat16 else 1e-7)
+    assert g[::7].abs().max() == 0

@@ -42,7 +42,7 @@ class _CrossEntropy(torch.autograd.Function):
             j = min(i + rows, N)
             p = logits[i:j].to(lse.dtype).sub_(lse[i:j, None]).exp_()  # softmax rows (>= fp32 scratch)
             p.scatter_add_(1, safe_t[i:j, None], torch.full((j - i, 1), -1.0, dtype=p.dtype, device=p.device))
-            grad[i:j] = p.mul_(scale[i:j, None])
+            torch.mul(p, scale[i:j, None], out=grad[i:j])  # scale and cast to the logits' dtype in one pass
         return grad, None, None
 
 

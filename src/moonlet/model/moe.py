@@ -114,14 +114,14 @@ class Experts(nn.Module):
             # no host sync); grouped_mm is not autocast-aware, so cast to the compute dtype here
             # (before the gather: N rows to cast instead of N * K)
             offs = counts.cumsum(0, dtype=torch.int32)
-            xs = x_ND.to(dtype)[token]
+            xs = x_ND.to(dtype).index_select(0, token)  # (index_select: its backward is 2-4x cheaper than x[idx]'s)
             gate = F.grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
             up = F.grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
             y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
         else:
             # unbind once: indexing the stacked weight per expert would make autograd build a full
             # [E, ...] zero gradient for every expert (E^2 work)
-            x_sorted = x_ND[token]
+            x_sorted = x_ND.index_select(0, token)
             w_gate, w_up, w_down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
             outs, start = [], 0
             for e, n in enumerate(counts.tolist()):
@@ -131,7 +131,7 @@ class Experts(nn.Module):
                 outs.append((F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t())
                 start += n
             y_sorted = torch.cat(outs)
-        y_sorted = y_sorted * weights_NK.reshape(-1)[order, None].to(x_ND.dtype)
+        y_sorted = y_sorted * weights_NK.reshape(-1).index_select(0, order)[:, None].to(x_ND.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token, y_sorted.to(x_ND.dtype))
 
 
