@@ -6,8 +6,9 @@ DeepseekV3ForCausalLM (its default experts implementation, `grouped_mm`) loaded 
 checkpoint. Steps are timed interleaved (moonlet, transformers, moonlet, ...) so both see the same
 machine load; the script prints tokens/s, the moonlet/transformers ratio (median of per-round ratios),
 the fraction of this machine's matmul peak (measured in the same run, interleaved too), the initial
-losses (must agree: same weights, same batch) and peak memory (each framework in a fresh child process,
-max RSS).
+losses (must agree: same weights, same batch) and peak memory (each framework in a fresh child process:
+peak RSS during training steps, and how far it rises over the RSS between steps). Both sides use torch's
+fused AdamW; the model FLOPs behind "% of peak" are accounting.flops_per_token (causal, no MTP).
 
     PYTHONPATH=src python bench/train.py                 # both dtypes, ~3 min on 2 cores
     PYTHONPATH=src python bench/train.py --dtypes bf16 --rounds 3
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -81,17 +82,41 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3, clock=time.per
     return 2 * n ** 3 / best / 1e9
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child(impl: str, dtype: str, path: str, steps: int) -> None:
-    """Run a few steps in a fresh process and report max RSS (bytes) before and after training."""
+    """Run steps in a fresh process; report resident memory (bytes) between steps (weights, gradients
+    freed, optimizer states allocated by a first step) and the peak during the next steps (Linux: the
+    high-water mark is reset via /proc/self/clear_refs)."""
     torch.manual_seed(0)
     model = load(impl, path)
     ids = torch.randint(0, model.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     step = make_step(impl, model, dtype)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step(ids)
+    between = _status_kib("VmRSS") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
     for _ in range(steps):
         step(ids)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": after}))
+    peak = _status_kib("VmHWM") * 1024
+    # live-tensor bytes over one more step, from the profiler's allocator events (RSS also counts what
+    # the C allocator keeps after frees, which depends on allocation sizes more than on the model)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        step(ids)
+    timeline = os.path.join(tempfile.mkdtemp(prefix="moonlet-bench-mem-"), "timeline.json")
+    p.export_memory_timeline(timeline, device="cpu")
+    with open(timeline) as f:
+        totals = [sum(sizes) for sizes in json.load(f)[1]]
+    shutil.rmtree(os.path.dirname(timeline), ignore_errors=True)
+    print(json.dumps({"between": between, "peak": peak, "tensor_start": totals[0], "tensor_peak": max(totals)}))
 
 
 def peak_memory(impl: str, dtype: str, path: str) -> dict:
@@ -118,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        return child(*args.child, steps=3)
+        return child(*args.child, steps=2)
 
     import transformers
 
@@ -129,6 +154,13 @@ def main() -> None:
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"model FLOPs per training token (accounting.flops_per_token, seq {T}): {flops_tok / 1e6:.1f} MFLOP")
     tmp = tempfile.mkdtemp(prefix="moonlet-bench-")
+    try:
+        run(args, cfg, flops_tok, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args, cfg, flops_tok: float, tmp: str) -> None:
     save_pretrained(CausalLM(cfg.replace(num_nextn_predict_layers=0)).init_weights(seed=0), tmp)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(1))
     results = {}
@@ -157,7 +189,7 @@ def main() -> None:
         tps = {impl: B * T / statistics.median(ts) for impl, ts in times.items()}
         ratio = statistics.median(h / m for m, h in zip(times["moonlet"], times["transformers"]))
         mem = {}
-        if not args.no_memory:
+        if not args.no_memory and os.path.exists("/proc/self/clear_refs"):  # Linux only
             mem = {impl: peak_memory(impl, dtype, tmp) for impl in steps}
         results[dtype] = dict(tps=tps, ratio=ratio, peak=peak, first=first, mem=mem, hf_impl=hf_impl)
         print(f"\n[{dtype}{' autocast' if dtype == 'bf16' else ''}] transformers experts_implementation={hf_impl}; "
@@ -165,8 +197,8 @@ def main() -> None:
         for impl in steps:
             frac = tps[impl] * flops_tok / 1e9 / peak
             m = mem.get(impl)
-            mtxt = f", peak RSS {m['peak'] / 2**30:.2f} GiB (+{(m['peak'] - m['before']) / 2**30:.2f} GiB in training)" \
-                if m else ""
+            mtxt = (f"\n{'':15}peak tensor memory {m['tensor_peak'] / 2**30:.2f} GiB (+{(m['tensor_peak'] - m['tensor_start']) / 2**30:.2f} "
+                    f"GiB for the step), peak RSS {m['peak'] / 2**30:.2f} GiB") if m else ""
             print(f"  {impl:<13} {tps[impl]:7.0f} tok/s  {frac:5.1%} of peak  first loss {first[impl]:.5f}{mtxt}")
         print(f"  moonlet / transformers: {ratio:.2f}x (median of {args.rounds} interleaved rounds; "
               f"per-round {', '.join(f'{h / m:.2f}' for m, h in zip(times['moonlet'], times['transformers']))})")
