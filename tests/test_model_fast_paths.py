@@ -82,8 +82,10 @@ def test_fused_cross_entropy_equals_torch(dtype):
     target[::7] = -100  # ignored rows: no loss, zero gradient
     ref = F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), target, ignore_index=-100)
     (g_ref,) = torch.autograd.grad(ref, logits)
+    before = logits.detach().clone()
     out = cross_entropy(logits, target, -100)
     (g,) = torch.autograd.grad(out, logits)
+    assert torch.equal(logits.detach(), before)  # backward must not touch the logits it saved
     assert out.dtype == ref.dtype and g.dtype == dtype
     tol = 1e-12 if dtype == torch.float64 else 1e-6
     torch.testing.assert_close(out, ref, rtol=0, atol=tol)

@@ -40,7 +40,7 @@ class _CrossEntropy(torch.autograd.Function):
         rows = max(1, _CHUNK_ELEMS // V)
         for i in range(0, N, rows):
             j = min(i + rows, N)
-            p = logits[i:j].to(lse.dtype).sub_(lse[i:j, None]).exp_()  # softmax rows (>= fp32 scratch)
+            p = torch.sub(logits[i:j], lse[i:j, None]).exp_()  # softmax rows: a new >= fp32 scratch tensor
             p.scatter_add_(1, safe_t[i:j, None], torch.full((j - i, 1), -1.0, dtype=p.dtype, device=p.device))
             torch.mul(p, scale[i:j, None], out=grad[i:j])  # scale and cast to the logits' dtype in one pass
         return grad, None, None
