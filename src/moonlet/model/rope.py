@@ -96,8 +96,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if x.dim() == 4:  # per-head tensor: broadcast over heads
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     if interleaved:
-        # (x[2i] + i x[2i+1]) * (cos + i sin) as one complex multiply: same numbers as the four real
-        # products, ~5x faster forward + backward than strided slices (complex needs >= fp32)
+        # (x[2i] + i x[2i+1]) * (cos + i sin) as one complex multiply: the same four products (equal to
+        # rounding), ~5x faster forward + backward than strided slices; complex needs >= fp32
         dtype = _promote(x.dtype, cos.dtype)
         cdtype = _promote(dtype, torch.float32)
         xf = x.to(cdtype)
