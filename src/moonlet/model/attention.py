@@ -174,7 +174,7 @@ class MLA(nn.Module):
 
 
 def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe: torch.Tensor, scale: float,
-                             block: int = 128) -> torch.Tensor:
+                             block: int | None = None) -> torch.Tensor:
     """Exact causal softmax self-attention over T tokens -> [B, T, H, e], for CPU.
 
     k/v have G = H heads (MHA, MLA's naive form) or G = 1 (one key/value shared by all heads: MLA's
@@ -183,7 +183,9 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     PyTorch's CPU SDPA takes its unfused "math" path when the value head dim differs from the key's,
     which scores every (query, key) pair and masks half of them afterwards. Here queries go in blocks
     of `block` tokens and block i scores only keys [0, end of block i): about half the score work at
-    long T (0.75 of it at T = 256). Scores are in the matmul dtype, softmax in (at least) fp32.
+    long T (0.75 of it at T = 256). Scores and probabilities are in the matmul dtype. Default block:
+    64 tokens with shared k/v (their H rows per token already make tall matmuls), 128 per-head (both
+    measured best for the `small` preset at T = 256, docs/LOG.md).
     """
     B, T, H, d = q_BTHd.shape
     G, e = k_BTGd.shape[2], v_BTGe.shape[-1]
@@ -201,6 +203,8 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
         rows = 1
     else:
         raise ValueError(f"k/v must have 1 or {H} heads, got {G}")
+    if block is None:
+        block = 64 if G == 1 else 128
     n_blocks = max(1, -(-T // block))
     size = -(-T // n_blocks)
     outs = []
