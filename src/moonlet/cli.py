@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "sft": "sft",
     "plot": "plot",
     "demo": "demo",
+    "info": "info",
+    "plan": "plan",
 }
 
 

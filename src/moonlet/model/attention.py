@@ -130,6 +130,8 @@ class MLA(nn.Module):
     def _naive(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
         k, v = self.expand_kv(latent_BLC)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        if mask_B1TL is None and q.device.type == "cpu":
+            return causal_attention_blocked(q, k, v, self.scale)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask_B1TL, is_causal=mask_B1TL is None, scale=self.scale,
@@ -141,6 +143,11 @@ class MLA(nn.Module):
         L = latent_BLC.shape[1]
         w_uk, w_uv = self.w_uk_uv()
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        if mask_B1TL is None and q_lat.device.type == "cpu":
+            C = self.kv_lora_rank
+            o_lat = causal_attention_blocked(torch.cat((q_lat, q_pe), dim=-1), latent_BLC[:, :, None],
+                                             latent_BLC[:, :, None, :C], self.scale)
+            return torch.einsum("bthc,hdc->bthd", o_lat, w_uv)
         # all T*H queries attend one shared latent "head": a single [T*H, L] score matrix per sequence
         q = torch.cat((q_lat, q_pe), dim=-1).reshape(B, 1, T * H, -1)
         if mask_B1TL is None:
@@ -169,3 +176,53 @@ class MLA(nn.Module):
             mask = mask_B1TL
         s = s.float().masked_fill(~mask, float("-inf")) * self.scale
         return s.amax(dim=(0, 2, 3))
+
+
+def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe: torch.Tensor, scale: float,
+                             block: int | None = None) -> torch.Tensor:
+    """Exact causal softmax self-attention over T tokens -> [B, T, H, e], for CPU.
+
+    k/v have G = H heads (MHA, MLA's naive form) or G = 1 (one key/value shared by all heads: MLA's
+    absorbed form, where every head attends the same latent; the H query rows of a token then go into
+    one matmul with the shared keys, which is much better shaped than H small ones).
+    PyTorch's CPU SDPA takes its unfused "math" path when the value head dim differs from the key's,
+    which scores every (query, key) pair and masks half of them afterwards. Here queries go in blocks
+    of `block` tokens and block i scores only keys [0, end of block i): about half the score work at
+    long T (0.75 of it at T = 256). Scores and probabilities are in the matmul dtype. Default block:
+    64 tokens with shared k/v (their H rows per token already make tall matmuls), 128 per-head (both
+    measured best for the `small` preset at T = 256, docs/LOG.md).
+    """
+    B, T, H, d = q_BTHd.shape
+    G, e = k_BTGd.shape[2], v_BTGe.shape[-1]
+    q_BTHd = q_BTHd * scale
+    if torch.is_autocast_enabled(q_BTHd.device.type):  # cast once here, not in every block's matmul
+        dt = torch.get_autocast_dtype(q_BTHd.device.type)
+        q_BTHd, k_BTGd, v_BTGe = q_BTHd.to(dt), k_BTGd.to(dt), v_BTGe.to(dt)
+    if G == 1:  # rows (token, head), token-major; keys shared: [B, T, d]
+        q = q_BTHd.reshape(B, T * H, d)
+        k, v = k_BTGd.reshape(B, T, d), v_BTGe.reshape(B, T, e)
+        rows = H
+    elif G == H:  # one problem per (batch, head)
+        q = q_BTHd.transpose(1, 2).reshape(B * H, T, d)
+        k, v = k_BTGd.transpose(1, 2).reshape(B * H, T, d), v_BTGe.transpose(1, 2).reshape(B * H, T, e)
+        rows = 1
+    else:
+        raise ValueError(f"k/v must have 1 or {H} heads, got {G}")
+    if block is None:
+        block = 64 if G == 1 else 128
+    n_blocks = max(1, -(-T // block))
+    size = -(-T // n_blocks)
+    outs = []
+    for s0 in range(0, T, size):
+        s1 = min(s0 + size, T)
+        scores = torch.bmm(q[:, s0 * rows:s1 * rows], k[:, :s1].transpose(1, 2))  # [., (s1 - s0) * rows, s1]
+        visible = torch.ones(s1 - s0, s1, dtype=torch.bool, device=q.device).tril(s0)
+        if rows > 1:
+            visible = visible.repeat_interleave(rows, dim=0)
+        # CPU softmax accumulates reduced-precision inputs in fp32 and rounds once at the output
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        outs.append(torch.bmm(probs.to(v.dtype), v[:, :s1]))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    if G == 1:
+        return o.view(B, T, H, e)
+    return o.view(B, H, T, e).transpose(1, 2)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -20,6 +19,7 @@ from .attention import AttnContext
 from .block import Block, BlockStats, LayerCache
 from .engram import Engram, EngramHashing, prefetch_rows
 from .hyper import HyperConnection, collapse_streams, expand_streams
+from .loss import cross_entropy
 from .moe import MoE, Experts, Router
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -177,7 +177,9 @@ class CausalLM(nn.Module):
         positions [B, T]: absolute positions (default 0..T-1); required with a cache, where they are
           also the cache slots written.
         cache: per-layer LayerCache (main layers, then MTP depths), as built by moonlet.infer.cache.
-        absorbed: attention form (default: absorbed with a cache, naive without).
+        absorbed: attention form (default: absorbed with a cache; without one, absorbed only where it
+          costs no more FLOPs than naive, i.e. 2 * kv_lora_rank <= qk_nope_head_dim + v_head_dim, since
+          its one shared latent "head" makes far better-shaped matmuls).
         """
         B, T = input_ids.shape
         if positions is None:
@@ -185,7 +187,8 @@ class CausalLM(nn.Module):
                 raise ValueError("positions are required when a cache is passed")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if absorbed is None:
-            absorbed = cache is not None
+            c = self.config
+            absorbed = cache is not None or 2 * c.kv_lora_rank <= c.qk_nope_head_dim + c.v_head_dim
         x = self.model.embed_tokens(input_ids)
         engram_rows = None
         if self.model.engram_hash is not None:  # hash + gather every Engram layer's rows before any block
@@ -196,8 +199,7 @@ class CausalLM(nn.Module):
         out = ModelOutput(logits=self.lm_head(hidden[:, -1:] if last_only else hidden), hidden=hidden)
         self._collect(out, stats)
         if labels is not None:
-            out.ce_loss = F.cross_entropy(out.logits.flatten(0, 1).float(), labels.reshape(-1),
-                                          ignore_index=IGNORE_INDEX)
+            out.ce_loss = cross_entropy(out.logits.flatten(0, 1), labels.reshape(-1), IGNORE_INDEX)
         if run_mtp is None:
             run_mtp = labels is not None and cache is None
         if run_mtp and len(self.mtp):
@@ -233,7 +235,7 @@ class CausalLM(nn.Module):
             if Tk <= 0:
                 break
             ctx_k = AttnContext(ctx.cos_BTR[:, :Tk], ctx.sin_BTR[:, :Tk], ctx.positions_BT[:, :Tk],
-                                record_max_logit=record_max_logit)
+                                absorbed=ctx.absorbed, record_max_logit=record_max_logit)
             emb = self.model.embed_tokens(input_ids[:, k:])
             h, s = module(h[:, :Tk], emb, ctx_k)
             self._collect(out, [s], main=False)
@@ -242,8 +244,7 @@ class CausalLM(nn.Module):
             if labels is not None:
                 target = labels[:, k:] if mtp_labels is None else mtp_labels[k - 1][:, :Tk]
                 if (target != IGNORE_INDEX).any():
-                    out.mtp_losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.reshape(-1),
-                                                          ignore_index=IGNORE_INDEX))
+                    out.mtp_losses.append(cross_entropy(logits.flatten(0, 1), target.reshape(-1), IGNORE_INDEX))
 
     # ---- interop ------------------------------------------------------------------------------------
     @classmethod

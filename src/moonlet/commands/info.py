@@ -1,0 +1,150 @@
+"""`moonlet info NAME_OR_PATH [--json] [--seq-len N]`: what a config costs, from the config alone.
+
+Every number comes from `moonlet.accounting` (nothing is allocated, so the 1T-parameter presets
+print instantly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import accounting as acc
+from ..config import ModelConfig, resolve_config
+
+WEIGHT_DTYPES = ("fp32", "bf16", "fp8", "int4")
+KV_DTYPES = ("fp32", "bf16", "fp8")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="parameters, KV-cache, FLOPs and memory of a preset or config.json",
+                       description=__doc__)
+    p.add_argument("model", metavar="NAME_OR_PATH",
+                   help="preset (tiny, small, deepseek-v3, kimi-k2), a config.json, or a directory holding one")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--seq-len", type=int, default=4096, metavar="N",
+                   help="sequence length for the FLOPs figures (default 4096)")
+    p.set_defaults(func=run)
+
+
+def info_dict(cfg: ModelConfig, seq_len: int = 4096) -> dict:
+    """Everything `moonlet info` reports, as plain JSON-able values."""
+    if seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
+    pc = acc.param_counts(cfg)
+    ramp = acc.yarn_ramp(cfg)
+    return {
+        "model_type": cfg.model_type,
+        "total_params": pc["total"],
+        "active_params": pc["active"],
+        "params": pc,
+        "kv_cache_bytes_per_token": acc.kv_cache_bytes_per_token(cfg, 2, "latent"),
+        "kv_cache_bytes_per_token_by_dtype": {
+            form: {dt: acc.kv_cache_bytes_per_token(cfg, acc.dtype_bytes(dt), form) for dt in KV_DTYPES}
+            for form in ("latent", "naive")
+        },
+        "seq_len": seq_len,
+        "flops_per_token": {
+            "forward": acc.flops_per_token(cfg, seq_len, training=False),
+            "training": acc.flops_per_token(cfg, seq_len, training=True),
+            "training_with_mtp": acc.flops_per_token(cfg, seq_len, training=True, include_mtp=True),
+            "decode_absorbed": acc.flops_per_token(cfg, seq_len, training=False, form="absorbed"),
+        },
+        "weight_bytes": {dt: acc.weight_bytes(cfg, dt) for dt in WEIGHT_DTYPES},
+        "softmax_scale": acc.softmax_scale(cfg),
+        "yarn_ramp": list(ramp) if ramp is not None else None,
+        "shapes": _shapes(cfg),
+    }
+
+
+def _shapes(cfg: ModelConfig) -> dict:
+    return {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "intermediate_size": cfg.intermediate_size, "moe_intermediate_size": cfg.moe_intermediate_size,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "first_k_dense_replace": cfg.first_k_dense_replace, "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+        "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling,
+    }
+
+
+def _n(x: float) -> str:
+    """Human count: 671.03B, 37.6M, 4.2K (and the exact integer alongside where it matters)."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:g}"
+
+
+def _bytes(x: float) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x:g} B"
+
+
+def format_table(name: str, d: dict) -> str:
+    s, pc = d["shapes"], d["params"]
+    rows: list[tuple[str, str]] = []
+
+    def sec(title: str) -> None:
+        rows.append(("", ""))
+        rows.append((f"[{title}]", ""))
+
+    sec("shape")
+    rows.append(("layers (dense + MoE)", f"{s['num_hidden_layers']} ({pc['n_dense_layers']} + {pc['n_moe_layers']})"
+                 + (f", MTP depths {s['num_nextn_predict_layers']}" if s["num_nextn_predict_layers"] else "")))
+    rows.append(("hidden / vocab", f"{s['hidden_size']} / {s['vocab_size']}"))
+    rows.append(("attention (MLA)", f"{s['num_attention_heads']} heads, q_lora {s['q_lora_rank']}, kv_lora "
+                 f"{s['kv_lora_rank']}, qk {s['qk_nope_head_dim']}+{s['qk_rope_head_dim']} (rope), v {s['v_head_dim']}"))
+    rows.append(("FFN", f"dense {s['intermediate_size']}; experts {s['n_routed_experts']} routed x "
+                 f"{s['moe_intermediate_size']} + {s['n_shared_experts']} shared, top-{s['num_experts_per_tok']}"
+                 f", groups {s['n_group']}/{s['topk_group']}" if s["n_routed_experts"] else f"dense {s['intermediate_size']}"))
+    sec("parameters")
+    rows.append(("total (no MTP)", f"{pc['total']:,} ({_n(pc['total'])})"))
+    rows.append(("total excl. embedding", f"{pc['total_excl_embedding']:,} ({_n(pc['total_excl_embedding'])})"))
+    rows.append(("active (incl. embedding + head)", f"{pc['active']:,} ({_n(pc['active'])})"))
+    rows.append(("active excl. embedding", f"{pc['active_excl_embedding']:,} ({_n(pc['active_excl_embedding'])})"))
+    rows.append(("active excl. embedding + head", f"{pc['active_excl_embedding_and_head']:,} "
+                 f"({_n(pc['active_excl_embedding_and_head'])})"))
+    if pc["mtp"]:
+        rows.append(("MTP depths (own tensors)", f"{pc['mtp']:,} ({_n(pc['mtp'])}); total with MTP "
+                     f"{_n(pc['total_with_mtp'])}"))
+    sec("KV cache per token (all layers)")
+    for form, label in (("latent", "latent (MLA absorbed)"), ("naive", "naive per-head K/V")):
+        by = d["kv_cache_bytes_per_token_by_dtype"][form]
+        rows.append((label, ", ".join(f"{dt} {by[dt]:,} B" for dt in KV_DTYPES)))
+    lat, nai = (d["kv_cache_bytes_per_token_by_dtype"][f]["bf16"] for f in ("latent", "naive"))
+    rows.append(("naive / latent", f"{nai / lat:.1f}x"))
+    sec(f"FLOPs per token at seq len {d['seq_len']} (matmuls, causal)")
+    f = d["flops_per_token"]
+    rows.append(("forward", f"{f['forward'] / 1e9:.3f} GFLOP"))
+    rows.append(("training (3x forward, no MTP)", f"{f['training'] / 1e9:.3f} GFLOP"))
+    rows.append(("training incl. MTP", f"{f['training_with_mtp'] / 1e9:.3f} GFLOP"))
+    rows.append(("forward, absorbed MLA (decode form)", f"{f['decode_absorbed'] / 1e9:.3f} GFLOP"))
+    sec("weight memory (no MTP)")
+    rows.append(("", ", ".join(f"{dt} {_bytes(b)}" for dt, b in d["weight_bytes"].items())))
+    sec("attention")
+    rows.append(("softmax scale", f"{d['softmax_scale']:.6f}"))
+    ramp = d["yarn_ramp"]
+    rows.append(("YaRN ramp (low, high)", "none (no rope_scaling)" if ramp is None else
+                 f"({ramp[0]}, {ramp[1]}), factor {s['rope_scaling']['factor']}"))
+    width = max(len(k) for k, _ in rows if not k.startswith("["))
+    lines = [f"moonlet info: {name} ({d['model_type']})"]
+    for k, v in rows:
+        lines.append(k if k.startswith("[") or not k and not v else f"  {k:<{width}}  {v}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.model)
+    d = info_dict(cfg, args.seq_len)
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        print(format_table(str(args.model), d))
+    return 0

@@ -1,0 +1,93 @@
+"""The training fast paths equal the plain ones: blocked causal attention vs SDPA (MHA and the shared
+latent "head" of the absorbed form), grouped-GEMM experts vs the per-expert loop, and the absorbed
+form chosen by default vs the naive one (values and gradients, float64 where it matters)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moonlet.model.moe as moe
+from moonlet.config import preset
+from moonlet.model import CausalLM
+from moonlet.model.attention import causal_attention_blocked
+
+
+@pytest.mark.parametrize("T", [1, 5, 128, 129, 300])
+@pytest.mark.parametrize("shared_kv", [False, True])
+def test_blocked_attention_equals_sdpa(T, shared_kv):
+    B, H, d, e = 2, 3, 24, 16
+    G = 1 if shared_kv else H
+    q = torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, T, G, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, T, G, e, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(B, T, H, e, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.expand(B, T, H, d).transpose(1, 2),
+                                         v.expand(B, T, H, e).transpose(1, 2), is_causal=True, scale=0.3)
+    ref = ref.transpose(1, 2)
+    g_ref = torch.autograd.grad(ref, (q, k, v), go)
+    for block in (7, 128):
+        out = causal_attention_blocked(q, k, v, 0.3, block=block)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), go), g_ref):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_grouped_experts_equal_loop(monkeypatch):
+    torch.manual_seed(0)
+    E, D, I, N, K = 6, 16, 8, 20, 2
+    ex = moe.Experts(E, D, I)  # float32: grouped_mm has no float64 kernel
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(N, D, requires_grad=True)
+    idx = torch.randint(0, 3, (N, K))  # experts 3..5 receive no tokens
+    idx[:, 1] = (idx[:, 0] + 1) % 3
+    w = torch.rand(N, K)
+
+    def run():
+        y = ex(x, idx, w)
+        grads = torch.autograd.grad(y.square().sum(), (x, *ex.parameters()))
+        return y, grads
+
+    assert moe._grouped_mm_ok(x.device, x.dtype)
+    y_g, g_g = run()
+    monkeypatch.setattr(moe, "_grouped_mm_ok", lambda *a: False)
+    y_l, g_l = run()
+    torch.testing.assert_close(y_g, y_l, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_g, g_l):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert g_g[1][3:].abs().max() == 0  # unused experts get exactly zero gradient
+
+
+def test_default_form_absorbed_when_not_costlier():
+    # small-like shapes: 2 * kv_lora_rank == nope + v, so training defaults to the absorbed form
+    cfg = preset("tiny").replace(kv_lora_rank=32, qk_nope_head_dim=32, v_head_dim=32, num_nextn_predict_layers=0)
+    model = CausalLM(cfg).init_weights(seed=0).double()
+    ids = torch.randint(0, cfg.vocab_size, (2, 150))
+    out_default = model(ids, labels=ids)
+    g_default = torch.autograd.grad(out_default.loss, list(model.parameters()), allow_unused=True)
+    out_naive = model(ids, labels=ids, absorbed=False)
+    g_naive = torch.autograd.grad(out_naive.loss, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out_default.logits, out_naive.logits, rtol=0, atol=1e-10)
+    for a, b in zip(g_default, g_naive):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_fused_cross_entropy_equals_torch(dtype):
+    from moonlet.model.loss import cross_entropy
+
+    logits = (torch.randn(300, 1000, dtype=torch.float64) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, 1000, (300,))
+    target[::7] = -100  # ignored rows: no loss, zero gradient
+    ref = F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), target, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    before = logits.detach().clone()
+    out = cross_entropy(logits, target, -100)
+    (g,) = torch.autograd.grad(out, logits)
+    assert torch.equal(logits.detach(), before)  # backward must not touch the logits it saved
+    assert out.dtype == ref.dtype and g.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+    torch.testing.assert_close(g.float(), g_ref.float(), rtol=0, atol=tol if dtype != torch.bfloat16 else 1e-7)
+    assert g[::7].abs().max() == 0
