@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "info": "info",
     "plan": "plan",
+    "serve": "serve",
 }
 
 
