@@ -113,8 +113,9 @@ async def _check_key(request: Request) -> None:
 
 
 class _BodyLimitAndCount:
-    """ASGI middleware: 413 for bodies over the limit (by Content-Length, or while a chunked body
-    streams in), and a request counter by route and status for /metrics."""
+    """ASGI middleware: reads a POST body up to the limit (413 beyond it, whether announced by
+    Content-Length or streamed chunked) before the app sees it, and counts requests by route and
+    status for /metrics."""
 
     ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
 
@@ -124,7 +125,6 @@ class _BodyLimitAndCount:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.state.max_body_bytes
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         status = [500]
 
@@ -133,38 +133,38 @@ class _BodyLimitAndCount:
                 status[0] = msg["status"]
             await send(msg)
 
-        headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and scope["path"].startswith("/v1/") and \
-                not headers.get(b"content-type", b"").startswith(b"application/json"):
-            # read any POST body as JSON (`curl -d` sends form-urlencoded); FastAPI keys off this header
-            headers[b"content-type"] = b"application/json"
-            scope = {**scope, "headers": list(headers.items())}
         try:
+            if scope["method"] not in ("POST", "PUT", "PATCH"):
+                return await self.app(scope, receive, send_counted)
+            headers = dict(scope.get("headers") or [])
+            limit = self.state.max_body_bytes
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
-                await _too_large(limit, send_counted)
-                return
-            seen = [0]
-
-            async def receive_limited() -> dict:
+                return await _too_large(limit, send_counted)
+            chunks, total = [], 0
+            while True:
                 msg = await receive()
-                if msg["type"] == "http.request":
-                    seen[0] += len(msg.get("body", b""))
-                    if seen[0] > limit:
-                        raise _BodyTooLarge
-                return msg
+                if msg["type"] == "http.disconnect":
+                    return
+                chunks.append(msg.get("body", b""))
+                total += len(chunks[-1])
+                if total > limit:
+                    return await _too_large(limit, send_counted)
+                if not msg.get("more_body", False):
+                    break
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-            try:
-                await self.app(scope, receive_limited, send_counted)
-            except _BodyTooLarge:
-                await _too_large(limit, send_counted)
+            async def receive_replayed() -> dict:  # the body once, then the client's later messages
+                return replay.pop() if replay else await receive()
+
+            if scope["path"].startswith("/v1/") and not headers.get(b"content-type", b"").startswith(b"application/json"):
+                # read any POST body as JSON (`curl -d` sends form-urlencoded); FastAPI keys off this header
+                headers[b"content-type"] = b"application/json"
+                scope = {**scope, "headers": list(headers.items())}
+            await self.app(scope, receive_replayed, send_counted)
         finally:
             with self.state.metrics.lock:
                 self.state.metrics.requests[(route, status[0])] += 1
-
-
-class _BodyTooLarge(Exception):
-    pass
 
 
 async def _too_large(limit: int, send: Any) -> None:
@@ -246,7 +246,8 @@ def _check_model(s: ServerState, model: str) -> None:
 
 
 def _sampling(s: ServerState, req: Any, prompt_len: int, max_tokens: int | None, choice: int,
-              logprobs: bool, top_logprobs: int, stop_ids: tuple[int, ...]) -> Any:
+              logprobs: bool, top_logprobs: int) -> Any:
+    """One choice's SamplingParams. The engine itself stops on the tokenizer's eos and end-of-turn."""
     from moonlet.infer.engine import SamplingParams
 
     room = s.max_seq - prompt_len
@@ -256,7 +257,7 @@ def _sampling(s: ServerState, req: Any, prompt_len: int, max_tokens: int | None,
             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
             presence_penalty=req.presence_penalty, seed=None if req.seed is None else req.seed + choice,
-            stop=tuple(req.stop or ()), stop_token_ids=stop_ids, ignore_eos=req.ignore_eos,
+            stop=tuple(req.stop or ()), ignore_eos=req.ignore_eos,
             logprobs=logprobs, top_logprobs=top_logprobs)
     except (ValueError, TypeError) as e:
         raise APIError(400, f"invalid sampling parameters: {e}", code="invalid_value") from None
@@ -325,17 +326,13 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
 
 
 def _encode_text(s: ServerState, text: str) -> list[int]:
-    """A raw-text prompt as the engine encodes it in Engine.generate (so the API and the library agree)."""
-    enc = getattr(s.engine, "encode_prompt", None)
+    """A raw-text prompt exactly as Engine.generate encodes it (bos when the tokenizer has one), so the
+    API and the library give the same completion for the same text."""
+    enc = getattr(s.engine, "encode", None)
     if enc is not None:
         return list(enc(text))
     tok = s.tokenizer
     return list(tok.encode(text, add_bos=getattr(tok, "bos_id", None) is not None))
-
-
-def _stop_ids(s: ServerState) -> tuple[int, ...]:
-    tok = s.tokenizer
-    return tuple(int(x) for x in (getattr(tok, "eos_id", None), getattr(tok, "eot_id", None)) if x is not None)
 
 
 async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: asyncio.Queue,
@@ -467,8 +464,7 @@ async def _chat(request: Request, req: ChatCompletionRequest) -> Any:
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs", code="invalid_value")
-    stop_ids = _stop_ids(s)
-    prompts = [(ids, _sampling(s, req, len(ids), max_tokens, i, req.logprobs, top, stop_ids)) for i in range(req.n)]
+    prompts = [(ids, _sampling(s, req, len(ids), max_tokens, i, req.logprobs, top)) for i in range(req.n)]
     q: asyncio.Queue = asyncio.Queue()
     jobs = await _submit(s, prompts, q, "messages")
     rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
@@ -587,8 +583,7 @@ async def _completions(request: Request, req: CompletionRequest) -> Any:
     for ids in prompt_ids:
         _check_length(s, len(ids), "prompt")
     lp = req.logprobs is not None
-    stop_ids = _stop_ids(s)
-    prompts = [(ids, _sampling(s, req, len(ids), req.max_tokens, j, lp, req.logprobs or 0, stop_ids))
+    prompts = [(ids, _sampling(s, req, len(ids), req.max_tokens, j, lp, req.logprobs or 0))
                for ids in prompt_ids for j in range(req.n)]
     q: asyncio.Queue = asyncio.Queue()
     jobs = await _submit(s, prompts, q, "prompt")
@@ -664,9 +659,10 @@ class Server:
         self.server = _Uvicorn(config)
         self.app = app
 
-    def run(self) -> None:
-        """Serve until SIGTERM/SIGINT (in the main thread) or `stop()`."""
-        self.server.run()
+    def run(self, sockets: list | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (in the main thread) or `stop()`. `sockets`: already bound
+        listening sockets (tests bind port 0 and pass the socket: no race for a free port)."""
+        self.server.run(sockets=sockets)
 
     def stop(self) -> None:
         self.app.state.moonlet.loop.drain()

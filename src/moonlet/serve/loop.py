@@ -115,10 +115,12 @@ class EngineLoop:
         self.num_waiting = 0
         self.cache_usage = 0.0
 
-    @staticmethod
-    def _make_scheduler(engine: Any) -> Any:
+    def _make_scheduler(self, engine: Any) -> Any:
         if hasattr(engine, "scheduler"):
-            return engine.scheduler()
+            try:
+                return engine.scheduler(max_batch=self.max_batch)
+            except TypeError:  # an engine whose scheduler takes no options
+                return engine.scheduler()
         from moonlet.infer.engine import Scheduler
 
         return Scheduler(engine)
@@ -202,6 +204,14 @@ class EngineLoop:
     # ---- the loop thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        import torch
+
+        # the whole thread is inference: the scheduler's cache tensors (created under inference_mode)
+        # may then be updated in place by abort() as well as by step()
+        with torch.inference_mode():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not (self._inbox or self._aborts or self._stopping or self.sched.has_work()):
@@ -218,6 +228,7 @@ class EngineLoop:
                 return
             if self.sched.has_work():
                 self._step()
+            self._snapshot()
 
     def _add_one(self, j: Job) -> None:
         try:
@@ -281,9 +292,15 @@ class EngineLoop:
             if not j.cancelled:
                 self._deliver(j, ev)
         self.metrics.record_step(n_tokens)
-        self.num_running = int(getattr(self.sched, "num_running", 0))
-        self.num_waiting = int(getattr(self.sched, "num_waiting", 0))
-        self.cache_usage = float(getattr(self.sched, "cache_usage", 0.0))
+
+    def _snapshot(self) -> None:
+        """The scheduler's gauges, copied for /metrics (handlers never read the scheduler itself)."""
+        try:
+            self.num_running = int(self.sched.num_running)
+            self.num_waiting = int(self.sched.num_waiting)
+            self.cache_usage = float(self.sched.cache_usage)
+        except Exception:  # noqa: BLE001 - gauges are best effort
+            pass
 
     def _deliver(self, j: Job, item: Any) -> None:
         try:
