@@ -415,7 +415,7 @@ def test_sigterm_lets_inflight_requests_finish(ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert _wait_for(lambda: _up(url) or proc.poll() is not None, timeout=90) and proc.poll() is None
+        assert _wait_for(lambda: _up(url) or proc.poll() is not None, timeout=180) and proc.poll() is None
         body = {"model": "tiny", "prompt": "Once", "max_tokens": 60, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -425,6 +425,7 @@ def test_sigterm_lets_inflight_requests_finish(ckpt):
         assert events[-1] == "[DONE]"
         assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert events[-2]["usage"]["completion_tokens"] == 60
+        assert not _up(url)  # no new work after SIGTERM (connection refused, or 503 while draining)
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 EPILOG = """\
@@ -70,5 +72,9 @@ def run(args: argparse.Namespace) -> int:
                      max_body_bytes=args.max_body_kb * 1024)
     print(f"moonlet serve: {ckpt} as '{name}' on http://{args.host}:{args.port}/ (context {engine.max_seq}, "
           f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})", flush=True)
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes that a clean exit 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    t0 = time.monotonic()
     Server(app, args.host, args.port, graceful_timeout=args.graceful_timeout, log_level=args.log_level).run()
+    print(f"moonlet serve: stopped after {time.monotonic() - t0:.0f} s", flush=True)
     return 0
