@@ -263,6 +263,30 @@ def test_queue_full_is_429(ref_engine):
             "model": "tiny", "prompt": "x", "max_tokens": 1}).status_code == 200)
 
 
+def test_engine_failure_is_a_clean_500_and_the_server_goes_on(ref_engine):
+    with LiveServer(ref_engine, max_batch=2, max_queue=2) as small:
+        sched = small.app.state.moonlet.loop.sched
+        real_step = sched.step
+
+        def boom():
+            sched.step = real_step
+            raise RuntimeError("simulated engine fault")
+
+        sched.step = boom
+        r = httpx.post(small.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+        assert "simulated engine fault" in r.json()["error"]["message"]
+        sched.step = boom
+        with httpx.stream("POST", small.url + "/v1/completions", timeout=30,
+                          json={"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}) as r:
+            events = _sse(r.iter_lines())
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "engine_error"
+        r = httpx.post(small.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert httpx.get(small.url + "/health").json()["status"] == "ok"
+        assert _metric(small.url, "moonlet_engine_errors_total") == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input
 

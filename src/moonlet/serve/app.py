@@ -184,10 +184,9 @@ async def _models(request: Request) -> dict:
 
 async def _health(request: Request) -> JSONResponse:
     s = _state(request)
-    draining = s.loop._draining
-    body = {"status": "shutting_down" if draining else "ok", "model": s.model_name,
-            "running": s.loop.num_running, "queued": s.loop.queued}
-    return JSONResponse(body, status_code=503 if draining else 200)
+    status = "ok" if s.loop.alive and not s.loop.draining else "shutting_down" if s.loop.draining else "engine_down"
+    body = {"status": status, "model": s.model_name, "running": s.loop.num_running, "queued": s.loop.queued}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def _metrics(request: Request) -> PlainTextResponse:

@@ -134,6 +134,10 @@ class EngineLoop:
         return self
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
     def queued(self) -> int:
         with self._lock:
             return max(0, len(self._active) - self.max_batch)
@@ -184,6 +188,10 @@ class EngineLoop:
                     self._aborts.append(j)
             self._wake.notify()
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def drain(self) -> None:
         """Refuse new work; running and queued requests go on to finish."""
         with self._lock:
@@ -208,8 +216,19 @@ class EngineLoop:
 
         # the whole thread is inference: the scheduler's cache tensors (created under inference_mode)
         # may then be updated in place by abort() as well as by step()
-        with torch.inference_mode():
-            self._serve()
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except BaseException as e:  # a bug in the loop itself: fail what is running, refuse new work (503)
+            log.exception("the engine loop died")
+            with self._lock:
+                self._draining = self._stopping = True
+            self._fail_all(f"the engine loop failed ({type(e).__name__}: {e})")
+            for j in self._inbox:  # submitted but never added: wake their handlers
+                j.add_error = ShuttingDown("the engine loop is not running")
+                self._finish(j)
+                if j.on_added is not None:
+                    j.on_added()
 
     def _serve(self) -> None:
         while True:
