@@ -35,7 +35,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 (default 64)")
     p.add_argument("--max-seq", type=int, default=None, help="context length per sequence (default: the model's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (default: checkpoint's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights dtype (default float32; auto = as the checkpoint states)")
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit (default 1024 KiB; 413 above)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
@@ -60,14 +61,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"moonlet serve: warning: listening on {args.host} without an API key: anyone who can reach this "
               "port can use the model (set --api-key or MOONLET_API_KEY)", file=sys.stderr)
 
-    import torch
-
     from moonlet.infer.engine import Engine
     from moonlet.serve import Server, create_app
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
     kw = {"max_seq": args.max_seq} if args.max_seq else {}
-    engine = Engine.from_pretrained(str(ckpt), dtype=dtype, max_batch=args.max_batch, **kw)
+    engine = Engine.from_pretrained(str(ckpt), dtype=args.dtype, max_batch=args.max_batch, **kw)
+    if engine.tokenizer is None:
+        raise ValueError(f"{ckpt} has no tokenizer.json: the server needs the checkpoint's tokenizer "
+                         "(moonlet tokenizer train, then copy tokenizer.json + tokenizer_config.json there)")
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
                      max_body_bytes=args.max_body_kb * 1024)
     print(f"moonlet serve: {ckpt} as '{name}' on http://{args.host}:{args.port}/ (context {engine.max_seq}, "
