@@ -64,6 +64,8 @@ class ServerState:
 def create_app(engine: Any, model_name: str = "moonlet", *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The server for one engine. The engine loop starts and stops with the app (ASGI lifespan)."""
+    if getattr(engine, "tokenizer", None) is None:
+        raise ValueError("the server needs an engine with a tokenizer (text in, text out)")
     metrics = Metrics()
     loop = EngineLoop(engine, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
     state = ServerState(engine, model_name, loop, metrics, api_key or None, max_body_bytes)
