@@ -322,6 +322,9 @@ BAD = [
     ("completions", {"model": "tiny", "prompt": []}, 400, "prompt", "empty_array"),
     ("completions", {"model": "tiny", "prompt": [1, 99999]}, 400, "prompt", "invalid_value"),
     ("completions", {"model": "tiny", "prompt": {"text": "x"}}, 400, "prompt", "invalid_type"),
+    ("completions", '{"model": "tiny", "prompt": "lone \\ud800 surrogate"}', 400, "prompt", "invalid_value"),
+    ("chat", {**CHAT, "seed": 2**70}, 400, "seed", "invalid_value"),
+    ("chat", "[" * 5000 + "]" * 5000, 400, None, None),
 ]
 
 

@@ -283,20 +283,33 @@ def _chat_prompt(s: ServerState, req: ChatCompletionRequest) -> list[int]:
         if isinstance(m.content, list):
             texts = []
             for j, part in enumerate(m.content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported, got "
                                    f"'{part.type}'", param=f"messages[{i}].content[{j}].type",
                                    code="unsupported_value")
+                if part.text is None:
+                    raise APIError(400, f"messages[{i}].content[{j}] has no 'text'",
+                                   param=f"messages[{i}].content[{j}].text", code="missing_required_parameter")
                 texts.append(part.text)
             content = "".join(texts)
         else:
             content = m.content or ""
-        msgs.append({"role": role, "content": content})
+        msgs.append({"role": role, "content": _valid_text(content, f"messages[{i}].content")})
     try:
         return list(s.tokenizer.apply_chat_template(msgs, add_generation_prompt=True))
     except ValueError as e:
         raise APIError(400, f"cannot apply the chat template: {e}; use /v1/completions", param="messages",
                        code="invalid_value") from None
+
+
+def _valid_text(text: str, param: str) -> str:
+    """JSON can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"'{param}' is not valid Unicode text ({e.reason} at position {e.start})", param=param,
+                       code="invalid_value") from None
+    return text
 
 
 def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int]]:
@@ -313,7 +326,7 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
     vocab = int(getattr(s.tokenizer, "vocab_size", 1 << 62))
     for t in texts:
         if isinstance(t, str):
-            ids = _encode_text(s, t)
+            ids = _encode_text(s, _valid_text(t, "prompt"))
         else:
             ids = list(t)
             bad = [x for x in ids if not 0 <= x < vocab]
@@ -347,8 +360,10 @@ async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: async
         return await s.loop.submit(prompts, sink)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except PromptTooLong as e:
-        raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
+    except PromptTooLong as e:  # the engine refused the request (its message says why)
+        msg = str(e)
+        code = "context_length_exceeded" if any(w in msg for w in ("context", "long", "max_seq")) else "invalid_value"
+        raise APIError(400, msg, param=param if code == "context_length_exceeded" else None, code=code) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), code="shutting_down") from None
 

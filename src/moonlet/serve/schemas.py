@@ -27,7 +27,7 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, description=f"choices to generate (at most {MAX_N})")
     stream: bool = False
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings; the text ends before them")
-    seed: int | None = Field(None, description="per-request sampler seed (choice i uses seed + i)")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="sampler seed (choice i uses seed + i)")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream_options: "StreamOptions | None" = None
