@@ -276,7 +276,7 @@ class Scheduler:
             req.output_ids.append(token)
             delta, hit = req.text.push(token)
             reason = "stop" if hit else None
-            if reason is None and (req.completion_tokens >= p.max_new_tokens or self.cache.lengths[row] >= self.max_seq):
+            if reason is None and (req.completion_tokens >= p.max_new_tokens or self.cache.lengths[row] + 1 >= self.max_seq):
                 reason = "length"
                 delta += req.text.flush()
         if reason is not None:
