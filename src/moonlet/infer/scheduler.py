@@ -179,6 +179,10 @@ class Scheduler:
                                        prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion_tokens))
         return True
 
+    def get(self, request_id: Any) -> Request | None:
+        """The live state of a waiting or running request (token ids, text, acceptance counts)."""
+        return next((r for r in itertools.chain(self.waiting, self.running) if r.id == request_id), None)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._events)
 
@@ -276,7 +280,7 @@ class Scheduler:
             req.output_ids.append(token)
             delta, hit = req.text.push(token)
             reason = "stop" if hit else None
-            if reason is None and (req.completion_tokens >= p.max_new_tokens or self.cache.lengths[row] >= self.max_seq):
+            if reason is None and (req.completion_tokens >= p.max_new_tokens or self.cache.lengths[row] + 1 >= self.max_seq):
                 reason = "length"
                 delta += req.text.flush()
         if reason is not None:
