@@ -276,6 +276,7 @@ def test_engine_failure_is_a_clean_500_and_the_server_goes_on(ref_engine):
         r = httpx.post(small.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 3}, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
         assert "simulated engine fault" in r.json()["error"]["message"]
+        assert _wait_for(lambda: not sched.has_work())  # (the aborts' final events are flushed by a real step)
         sched.step = boom
         with httpx.stream("POST", small.url + "/v1/completions", timeout=30,
                           json={"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}) as r:
@@ -382,6 +383,9 @@ def test_api_key_enforced_on_v1(server):
             assert r.json()["error"]["code"] == "invalid_api_key" and r.json()["error"]["type"] == "authentication_error"
         assert httpx.request(method, server.url + path, json=body, headers=AUTH).status_code == 200
     assert httpx.get(server.url + "/v1/models", headers={"x-api-key": KEY}).status_code == 200
+    # checked before anything else: a bad body or an unknown /v1 route without the key is a 401 too
+    assert httpx.post(server.url + "/v1/chat/completions", content="{not json").status_code == 401
+    assert httpx.get(server.url + "/v1/nothing").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
     # the page, health and metrics are open (the page asks for the key)

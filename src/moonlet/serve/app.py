@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import anyio
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
 from . import errors
@@ -82,7 +82,7 @@ def create_app(engine: Any, model_name: str = "moonlet", *, api_key: str | None 
     errors.install(app)
     app.add_middleware(_BodyLimitAndCount, state=state)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_check_key)], responses=_ERRORS)
+    v1 = APIRouter(prefix="/v1", responses=_ERRORS)  # (the API key is checked by the middleware)
     v1.add_api_route("/chat/completions", _chat, methods=["POST"], response_model=None,
                      responses={200: {"model": ChatCompletion, "description": "JSON, or server-sent events "
                                       "of chat.completion.chunk objects when stream=true"}})
@@ -100,24 +100,25 @@ def _state(request: Request) -> ServerState:
     return request.app.state.moonlet
 
 
-async def _check_key(request: Request) -> None:
-    key = _state(request).api_key
-    if key is None:
-        return
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+def _key_error(api_key: str | None, headers: dict[bytes, bytes]) -> APIError | None:
+    """None when the request may pass: no key configured, or `Authorization: Bearer <key>` (or
+    `x-api-key: <key>`) matches (constant-time comparison)."""
+    if api_key is None:
+        return None
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else headers.get(b"x-api-key", b"").decode("latin-1")
     if not given:
-        raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(given.encode(), key.encode()):
-        raise APIError(401, "incorrect API key provided", code="invalid_api_key",
-                       headers={"WWW-Authenticate": "Bearer"})
+        return APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                        code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        return APIError(401, "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 class _BodyLimitAndCount:
-    """ASGI middleware: reads a POST body up to the limit (413 beyond it, whether announced by
-    Content-Length or streamed chunked) before the app sees it, and counts requests by route and
-    status for /metrics."""
+    """ASGI middleware, in front of everything: the API key on /v1 (401 before the body is even read),
+    POST bodies read up to the limit (413 beyond it, whether announced by Content-Length or streamed
+    chunked) before the app sees them, and a count of requests by route and status for /metrics."""
 
     ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
 
@@ -136,9 +137,13 @@ class _BodyLimitAndCount:
             await send(msg)
 
         try:
+            headers = dict(scope.get("headers") or [])
+            if scope["path"] == "/v1" or scope["path"].startswith("/v1/"):
+                err = _key_error(self.state.api_key, headers)
+                if err is not None:
+                    return await err.response()(scope, receive, send_counted)
             if scope["method"] not in ("POST", "PUT", "PATCH"):
                 return await self.app(scope, receive, send_counted)
-            headers = dict(scope.get("headers") or [])
             limit = self.state.max_body_bytes
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > limit):
@@ -323,7 +328,7 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
     else:
         texts = list(p)
     out = []
-    vocab = int(getattr(s.tokenizer, "vocab_size", 1 << 62))
+    vocab = int(getattr(s.engine, "vocab_size", None) or getattr(s.tokenizer, "vocab_size", 1 << 62))
     for t in texts:
         if isinstance(t, str):
             ids = _encode_text(s, _valid_text(t, "prompt"))
