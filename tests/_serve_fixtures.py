@@ -32,7 +32,7 @@ def make_chat_checkpoint(dir_: Path, seed: int = 0, layers: int = 2) -> Path:
 class LiveServer:
     """`with LiveServer(engine, api_key=...) as srv:` -> srv.url serves the OpenAI API (srv.url + '/v1')."""
 
-    def __init__(self, engine: Any, model_name: str = "tiny", **kw: Any):
+    def __init__(self, engine: Any, model_name: str = "tiny", graceful_timeout: float = 5.0, **kw: Any):
         from moonlet.serve import Server, create_app
 
         self.app = create_app(engine, model_name, **kw)
@@ -41,7 +41,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = Server(self.app, "127.0.0.1", self.port, graceful_timeout=5.0, log_level="warning")
+        self.server = Server(self.app, "127.0.0.1", self.port, graceful_timeout=graceful_timeout, log_level="warning")
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> "LiveServer":

@@ -430,6 +430,36 @@ def test_eval_through_server_matches_engine_backend(server, ref_engine, tmp_path
     assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"]
 
 
+def test_shutdown_ends_requests_that_outlive_the_grace_period_cleanly(ref_engine):
+    """Past the grace period a stream ends with an error event and [DONE], a plain request with a
+    503, and new requests are refused meanwhile (what SIGTERM triggers: Server.stop is its body)."""
+    srv = LiveServer(ref_engine, max_batch=2, max_queue=2, graceful_timeout=1.0).__enter__()
+    try:
+        long = {"model": "tiny", "prompt": "x", "max_tokens": 1500, "ignore_eos": True}
+        out: dict = {}
+
+        def plain():
+            out["plain"] = httpx.post(srv.url + "/v1/completions", json=long, timeout=60)
+
+        t = threading.Thread(target=plain)
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            t.start()
+            assert _wait_for(lambda: _metric(srv.url, "moonlet_running_requests") == 2)
+            srv.server.stop()
+            try:  # draining: a new request is refused (503, or the socket is closed already)
+                assert httpx.post(srv.url + "/v1/completions", json=long, timeout=10).status_code == 503
+            except httpx.ConnectError:
+                pass
+            events = [json.loads(first[6:])] + _sse(lines)
+        t.join(30)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down", events[-2:]
+        assert out["plain"].status_code == 503 and out["plain"].json()["error"]["code"] == "shutting_down"
+    finally:
+        srv.__exit__(None, None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # graceful shutdown of the real command
 

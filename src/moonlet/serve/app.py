@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -660,34 +661,50 @@ async def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[
 
 
 class Server:
-    """uvicorn for one app, with graceful shutdown: on SIGTERM/SIGINT the engine loop stops taking new
-    requests (503), uvicorn stops accepting connections and waits up to `graceful_timeout` seconds for
-    the requests in flight to finish; whatever is still running then ends with a clean error."""
+    """uvicorn for one app, with graceful shutdown. On SIGTERM/SIGINT (or `stop()`): the engine loop
+    refuses new requests (503) and uvicorn stops accepting connections; requests in flight get
+    `graceful_timeout` seconds to finish; then the engine loop ends whatever still runs with a clean
+    error (an error event + [DONE] in a stream, a 503 otherwise), so no client sees a cut connection.
+    uvicorn's own timeout, a few seconds later, is only a backstop."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 8000, graceful_timeout: float = 30.0,
                  log_level: str = "info"):
         import uvicorn
 
-        loop = app.state.moonlet.loop
+        outer = self
 
         class _Uvicorn(uvicorn.Server):
             def handle_exit(self, sig: int, frame: Any) -> None:
-                loop.drain()
+                outer._begin_shutdown()
                 super().handle_exit(sig, frame)
 
-        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
-                                access_log=log_level == "debug", lifespan="on")
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                                timeout_graceful_shutdown=graceful_timeout + 5.0, access_log=log_level == "debug")
         self.server = _Uvicorn(config)
         self.app = app
+        self.graceful_timeout = graceful_timeout
+        self._timer: threading.Timer | None = None
 
     def run(self, sockets: list | None = None) -> None:
         """Serve until SIGTERM/SIGINT (in the main thread) or `stop()`. `sockets`: already bound
         listening sockets (tests bind port 0 and pass the socket: no race for a free port)."""
-        self.server.run(sockets=sockets)
+        try:
+            self.server.run(sockets=sockets)
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
 
     def stop(self) -> None:
-        self.app.state.moonlet.loop.drain()
+        self._begin_shutdown()
         self.server.should_exit = True
+
+    def _begin_shutdown(self) -> None:
+        loop = self.app.state.moonlet.loop
+        loop.drain()
+        if self._timer is None:
+            self._timer = threading.Timer(self.graceful_timeout, loop.stop)
+            self._timer.daemon = True
+            self._timer.start()
 
     @property
     def started(self) -> bool:
