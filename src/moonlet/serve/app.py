@@ -29,7 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 
 from . import errors
 from .errors import APIError
-from .loop import EngineFailure, EngineLoop, Metrics, PromptTooLong, QueueFull, ShuttingDown
+from .loop import EngineFailure, EngineLoop, Metrics, Refused, QueueFull, ShuttingDown
 from .schemas import (MAX_N, UNSUPPORTED, UNSUPPORTED_OK, ChatCompletion, ChatCompletionRequest, Completion,
                       CompletionRequest, ErrorResponse, ModelList)
 
@@ -366,7 +366,7 @@ async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: async
         return await s.loop.submit(prompts, sink)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except PromptTooLong as e:  # the engine refused the request (its message says why)
+    except Refused as e:  # the engine refused the request (its message says why)
         msg = str(e)
         code = "context_length_exceeded" if any(w in msg for w in ("context", "long", "max_seq")) else "invalid_value"
         raise APIError(400, msg, param=param if code == "context_length_exceeded" else None, code=code) from None

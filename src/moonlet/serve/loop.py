@@ -8,7 +8,7 @@ loop (`call_soon_threadsafe`). Finished requests leave the batch inside the sche
 
 Admission: at most `max_batch` sequences run, at most `max_queue` more wait; beyond that `submit`
 raises QueueFull (-> 429) without touching the engine. A prompt the engine refuses (longer than the
-context) raises PromptTooLong (-> 400) from `submit`, with the engine's message (both lengths).
+context, a token outside the vocabulary) raises Refused (-> 400) from `submit` with the engine's message.
 Shutdown: `drain()` refuses new work while running requests finish; `stop()` ends the rest with an
 error event and joins the thread.
 """
@@ -30,8 +30,8 @@ class QueueFull(Exception):
     pass
 
 
-class PromptTooLong(ValueError):
-    pass
+class Refused(ValueError):
+    """The engine's Scheduler.add refused the request (e.g. prompt longer than the context)."""
 
 
 class ShuttingDown(Exception):
@@ -175,7 +175,7 @@ class EngineLoop:
         if err is not None:
             self.abort(jobs)
             if isinstance(err, ValueError):
-                raise PromptTooLong(str(err)) from None
+                raise Refused(str(err)) from None
             raise err
         return jobs
 
@@ -196,10 +196,6 @@ class EngineLoop:
         """Refuse new work; running and queued requests go on to finish."""
         with self._lock:
             self._draining = True
-
-    def idle(self) -> bool:
-        with self._lock:
-            return not self._active
 
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop; requests still running get an EngineFailure ('server shutting down')."""
