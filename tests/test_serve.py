@@ -131,6 +131,9 @@ def test_openai_client_chat_and_completions(server, client, ref_engine):
     assert chunks[-1].usage.completion_tokens == ref.completion_tokens
 
     assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
 
 
 def test_sampling_options(client, ref_engine):
@@ -153,6 +156,10 @@ def test_sampling_options(client, ref_engine):
     assert len(lp) == 4 and all(len(t.top_logprobs) == 2 for t in lp)
     assert lp[0].logprob == pytest.approx(ref.logprobs[0]["logprob"], abs=1e-4)
     assert lp[0].top_logprobs[0].logprob >= lp[0].top_logprobs[1].logprob
+    # `bytes` are the tokens' own bytes: together they spell the reply (a token may hold half a character)
+    specials = {tok.decode([i], skip_special=False) for i in tok.special_ids}  # in logprobs, not in the text
+    spelled = bytes(b for t in lp if t.token not in specials for b in t.bytes).decode("utf-8", errors="replace")
+    assert spelled.startswith(r.choices[1].message.content), (spelled, r.choices[1].message.content)
     assert r.usage.completion_tokens == 8
     # seeded sampling is reproducible
     kw = dict(model="tiny", messages=msgs, max_tokens=8, temperature=1.0, top_p=0.9, seed=7)

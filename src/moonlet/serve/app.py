@@ -12,6 +12,7 @@ ending in `data: [DONE]`). A client that goes away aborts its jobs, which frees 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
@@ -31,7 +32,7 @@ from . import errors
 from .errors import APIError
 from .loop import EngineFailure, EngineLoop, Metrics, Refused, QueueFull, ShuttingDown
 from .schemas import (MAX_N, UNSUPPORTED, UNSUPPORTED_OK, ChatCompletion, ChatCompletionRequest, Completion,
-                      CompletionRequest, ErrorResponse, ModelList)
+                      CompletionRequest, ErrorResponse, ModelCard, ModelList)
 
 log = logging.getLogger("moonlet.serve")
 STATIC = Path(__file__).parent / "static"
@@ -90,6 +91,7 @@ def create_app(engine: Any, model_name: str = "moonlet", *, api_key: str | None 
     v1.add_api_route("/completions", _completions, methods=["POST"], response_model=None,
                      responses={200: {"model": Completion}})
     v1.add_api_route("/models", _models, methods=["GET"], response_model=ModelList)
+    v1.add_api_route("/models/{model}", _model, methods=["GET"], response_model=ModelCard)
     app.include_router(v1)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"], response_class=PlainTextResponse)
@@ -121,7 +123,7 @@ class _BodyLimitAndCount:
     POST bodies read up to the limit (413 beyond it, whether announced by Content-Length or streamed
     chunked) before the app sees them, and a count of requests by route and status for /metrics."""
 
-    ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}
+    ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/"}  # else "other"
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state
@@ -184,10 +186,19 @@ async def _too_large(limit: int, send: Any) -> None:
 # simple routes
 
 
+def _card(s: ServerState) -> dict:
+    return {"id": s.model_name, "object": "model", "created": s.created, "owned_by": "moonlet",
+            "max_model_len": s.max_seq}
+
+
 async def _models(request: Request) -> dict:
+    return {"object": "list", "data": [_card(_state(request))]}
+
+
+async def _model(request: Request, model: str) -> dict:
     s = _state(request)
-    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": s.created,
-                                        "owned_by": "moonlet", "max_model_len": s.max_seq}]}
+    _check_model(s, model)
+    return _card(s)
 
 
 async def _health(request: Request) -> JSONResponse:
@@ -378,6 +389,30 @@ def _token_str(tok: Any, token_id: int) -> str:
     return tok.decode([token_id], skip_special=False)
 
 
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what `tokenizers`' ByteLevel uses): printable char -> byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _token_bytes(tok: Any, token_id: int) -> list[int]:
+    """The token's own bytes (OpenAI's `bytes`): exact for byte-level BPE even when the token is part
+    of a multi-byte character (its decoded text would be U+FFFD); else the UTF-8 of its text."""
+    piece = tok.id_to_token(token_id) if hasattr(tok, "id_to_token") else None
+    table = _byte_decoder()
+    if piece and all(ch in table for ch in piece) and token_id not in getattr(tok, "special_ids", ()):
+        return [table[ch] for ch in piece]
+    return list(_token_str(tok, token_id).encode("utf-8"))
+
+
 # ---------------------------------------------------------------------------------------------
 # collecting events
 
@@ -450,8 +485,7 @@ async def _collect(request: Request, s: ServerState, jobs: list[Any], q: asyncio
 
 def _chat_logprobs(tok: Any, c: _Choice) -> dict:
     def entry(tid: int, lp: float) -> dict:
-        t = _token_str(tok, tid)
-        return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+        return {"token": _token_str(tok, tid), "logprob": lp, "bytes": _token_bytes(tok, tid)}
 
     return {"content": [{**entry(tid, lp), "top_logprobs": [entry(int(a), float(b)) for a, b in top]}
                         for tid, lp, top in c.logprobs]}
