@@ -166,7 +166,7 @@ def bench_preset(name: str, args) -> dict:
         eng = Engine(m, max_batch=8, max_seq=2048 + ctx_new + 8)
         use_hf = hf is not None and dtype == torch.float32
         row: dict = {}
-        p512 = prompts(1, 512)
+        p512 = prompts(1, 512)[0]
         ml_prefill(eng, p512)
         t_ml, t_hf = timed_pair(rounds, lambda: ml_prefill(eng, p512), (lambda: hf_prefill(hf, p512)) if use_hf else None)
         row["prefill"] = (512 / t_ml, 512 / t_hf if use_hf else None)

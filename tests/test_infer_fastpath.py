@@ -10,7 +10,7 @@ from moonlet.infer.fastpath import FastForward
 from moonlet.model import CausalLM
 
 
-@pytest.mark.parametrize("changes", [{}, {"kv_lora_rank": 128}, {"q_lora_rank": None},
+@pytest.mark.parametrize("changes", [{}, {"kv_lora_rank": 256}, {"q_lora_rank": None},
                                      {"rope_interleave": False, "n_shared_experts": None}],
                          ids=["folded", "unfolded", "no_qlora", "half_rope_no_shared"])
 @pytest.mark.parametrize("form", ["absorbed", "naive"])
@@ -42,3 +42,11 @@ def test_fast_path_equals_model_forward(changes, form):
 def test_levers_are_refused():
     with pytest.raises(ValueError, match="plain MLA"):
         FastForward(CausalLM(preset("tiny").replace(hc_mult=2)))
+
+
+def test_fold_rule():
+    from moonlet.infer.fastpath import _Attn
+
+    folded = _Attn(CausalLM(preset("tiny")).model.layers[0].self_attn)
+    unfolded = _Attn(CausalLM(preset("tiny").replace(kv_lora_rank=256)).model.layers[0].self_attn)
+    assert folded.fold_q and folded.fold_o and not unfolded.fold_q and not unfolded.fold_o

@@ -2,8 +2,9 @@
 
 What it changes against `CausalLM.forward` (all exact up to float rounding; tests compare both):
 - absorbed MLA with the absorption folded into the weights once: W_UK into q_b_proj (the query
-  comes out directly in latent space) and W_UV into o_proj, when that costs no more multiply-adds
-  than applying them per token (true for the `small`/`tiny` presets: kv_lora_rank = nope = v dim);
+  comes out directly in latent space) and W_UV into o_proj, unless that costs over twice the
+  multiply-adds of applying them per token (folded for `tiny`/`small`, not for DeepSeek-V3's sizes);
+- RoPE as one complex multiply with the rotation built once per forward, RMSNorm as one fused call;
 - decode attention as one baddbmm (scores + additive mask) -> softmax -> bmm over the latent cache,
   with the mask built once per forward instead of per layer;
 - a fresh prefill (empty cache row) attends causally without a mask through the model's blocked
@@ -40,8 +41,9 @@ class _Attn:
         q_w = attn.q_proj.weight if attn.q_lora_rank is None else attn.q_b_proj.weight  # [H*(dn+dr), Q]
         Q = q_w.shape[1]
         q_w = q_w.view(H, dn + dr, Q)
-        # fold W_UK into the query projection when it costs no more: Q*C <= Q*dn + dn*C per head
-        self.fold_q = Q * C <= Q * dn + dn * C
+        # fold W_UK into the query projection unless that costs over 2x the multiply-adds of applying
+        # it per token (Q*C vs Q*dn + dn*C per head): at these sizes one matmul less beats a few FLOPs
+        self.fold_q = Q * C <= 2 * (Q * dn + dn * C)
         if self.fold_q:
             q_lat = torch.einsum("hdc,hdq->hcq", w_uk.float(), q_w[:, :dn].float()).to(q_w.dtype)
             self.q_weight = torch.cat((q_lat.reshape(H * C, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
@@ -50,7 +52,7 @@ class _Attn:
             self.w_uk = w_uk.contiguous()  # [H, dn, C]
         o_w = attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
-        self.fold_o = C <= dv + dv * C / D  # D*H*C <= D*H*dv + H*dv*C
+        self.fold_o = D * C <= 2 * (D * dv + dv * C)  # the same rule for W_UV into o_proj
         if self.fold_o:
             self.o_weight = torch.einsum("ehv,hvc->ehc", o_w.view(D, H, dv).float(), w_uv.float()
                                          ).reshape(D, H * C).to(o_w.dtype).contiguous()
@@ -58,6 +60,21 @@ class _Attn:
             self.w_uv = w_uv.transpose(1, 2).contiguous()  # [H, C, dv]
             self.o_weight = o_w
         self.o_bias = attn.o_proj.bias
+
+
+def _norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm in one call (fp32: the module's own math; other dtypes: the module, which normalizes in fp32)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+    return norm(x)
+
+
+def _rope(x: torch.Tensor, rot: torch.Tensor | None, cos, sin, interleaved: bool) -> torch.Tensor:
+    """RoPE of x [..., R] with the complex rotation rot (interleaved pairs), else the model's apply_rope."""
+    if rot is None or not interleaved:
+        return apply_rope(x, cos, sin, interleaved)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 def _fused_mlp(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,18 +144,20 @@ class FastForward:
             y = y + _swiglu(x_ND, *shared)
         return y
 
-    def _attention(self, a: _Attn, x_BTD: torch.Tensor, cos, sin, positions_BT, latent_cache: torch.Tensor,
+    def _attention(self, a: _Attn, x_BTD: torch.Tensor, cos, sin, rot, positions_BT, latent_cache: torch.Tensor,
                    mask_add: torch.Tensor | None, kv_len: int) -> torch.Tensor:
         m = a.m
         B, T, _ = x_BTD.shape
         H, C, dr = m.n_heads, m.kv_lora_rank, m.rope_dim
-        cq = x_BTD if m.q_lora_rank is None else m.q_a_layernorm(m.q_a_proj(x_BTD))
+        cq = x_BTD if m.q_lora_rank is None else _norm(m.q_a_layernorm, m.q_a_proj(x_BTD))
         q = F.linear(cq, a.q_weight)
         qn = q[..., : q.shape[-1] - H * dr].view(B, T, H, -1)
-        q_pe = apply_rope(q[..., q.shape[-1] - H * dr:].view(B, T, H, dr), cos, sin, m.interleaved)
+        q_pe = _rope(q[..., q.shape[-1] - H * dr:].view(B, T, H, dr), None if rot is None else rot[:, :, None],
+                     cos, sin, m.interleaved)
         if not a.fold_q:
             qn = torch.einsum("bthd,hdc->bthc", qn, a.w_uk)
-        latent = m.latent(x_BTD, _Ctx(cos, sin))
+        c_kv, k_pe = m.kv_a_proj_with_mqa(x_BTD).split([C, dr], dim=-1)
+        latent = torch.cat((_norm(m.kv_a_layernorm, c_kv), _rope(k_pe, rot, cos, sin, m.interleaved)), dim=-1)
         if mask_add is None:  # fresh prefill at positions 0..T-1
             latent_cache[:, :T] = latent
             lat = latent
@@ -176,6 +195,9 @@ class FastForward:
         B, T = ids_BT.shape
         x = m.model.embed_tokens(ids_BT)
         cos, sin = m.model.rotary(positions_BT, x.dtype)
+        rot = None
+        if self.cfg.rope_interleave:
+            rot = torch.complex(cos.float(), sin.float())  # [B,T,R/2], shared by every layer
         mask_add, kv_len = None, T
         if not fresh:
             kv_len = int(positions_BT.max()) + 1
@@ -184,15 +206,15 @@ class FastForward:
             mask_add = torch.zeros(B, T, H, kv_len, dtype=x.dtype).masked_fill_(~visible[:, :, None], float("-inf"))
             mask_add = mask_add.view(B, T * H, kv_len)
         for i, layer in enumerate(m.model.layers):
-            h = layer.input_layernorm(x)
-            x = x + self._attention(self.attn[i], h, cos, sin, positions_BT, cache[i].latent, mask_add, kv_len)
-            h = layer.post_attention_layernorm(x)
+            h = _norm(layer.input_layernorm, x)
+            x = x + self._attention(self.attn[i], h, cos, sin, rot, positions_BT, cache[i].latent, mask_add, kv_len)
+            h = _norm(layer.post_attention_layernorm, x)
             kind, mod, w = self.mlp[i]
             if kind == "dense":
                 x = x + _swiglu(h, *w)
             else:
                 x = x + self._moe(mod, w, h.view(B * T, -1)).view(B, T, -1)
-        hidden = m.model.norm(x)
+        hidden = _norm(m.model.norm, x)
         logits = m.lm_head(hidden[:, -1:] if last_only else hidden)
         return logits, hidden
 
