@@ -9,6 +9,8 @@ directory must be on a filesystem all ranks see (as for DCP's FileSystemWriter).
 
 `export_hf` gathers the full state dict to rank 0 (CPU) and writes a normal moonlet / Hugging Face
 checkpoint directory (config.json + model.safetensors) with `moonlet.interop.hf.save_pretrained`.
+`load_consolidated` does the same offline, in one process, from a training checkpoint's DCP shards
+(`python -m moonlet.dist.export CKPT` writes it next to them).
 """
 
 from __future__ import annotations
@@ -96,14 +98,41 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def plain_model(cfg) -> CausalLM:
+    """An unsharded CausalLM on CPU with uninitialised weights (they are loaded next)."""
+    with torch.device("meta"):
+        plain = CausalLM(cfg)
+    plain = plain.to_empty(device="cpu")
+    plain.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
+    return plain
+
+
+def load_consolidated(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+    """The full model of a sharded run's checkpoint (config.json + distributed/ DCP shards), read in
+    this process alone (no process group needed, any saved layout)."""
+    from ..config import ModelConfig
+
+    ckpt = Path(ckpt)
+    shards = ckpt / "distributed"
+    if not (shards / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt} has no distributed/.metadata: not a checkpoint of a distributed run")
+    model = plain_model(ModelConfig.load(ckpt))
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the distributed checkpoint {shards}: {str(e).splitlines()[0][:300]}") from e
+    model.load_state_dict(state["model"], strict=True)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
 def export_hf(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Collective: write a consolidated HF-format checkpoint of a sharded model (rank 0 writes)."""
     sd = full_state_dict(model)
     if _rank() == 0:
-        with torch.device("meta"):
-            plain = CausalLM(model.config)
-        plain = plain.to_empty(device="cpu")
-        plain.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
+        plain = plain_model(model.config)
         plain.load_state_dict(sd, strict=True)
         save_pretrained(plain, path, dtype=dtype)
     _barrier()

@@ -13,9 +13,18 @@ and the trainer loop stays the same:
     model_state_for_save(model)                a CausalLM (full tensors) to write as safetensors
     optimizer_state_for_save(opt)              optimizer state dict to write (rank 0)
     load_optimizer_state(opt, state)
+    prepare_optimizer(opt)                     make an optimizer shard-aware (Muon's orthogonalization)
+    scale_rows_(param, row_scale)              QK-clip's per-row scaling of a (sharded) weight
+    normalize_losses(out, batch)               per-rank token means -> shares of the global mean
+    main_first()                               rank 0 prepares shared files (tokenizer, data cache) first
+    load_model(path, resume) / save_checkpoint(...) / load_checkpoint(...)   checkpoint I/O
+    close()                                    end of the run
 """
 
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -59,3 +68,47 @@ class Runtime:
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        return optimizer
+
+    @torch.no_grad()
+    def scale_rows_(self, param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
+        param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
+
+    def normalize_losses(self, out, batch) -> None:
+        """Rescale out.ce_loss / out.mtp_losses in place so that the data-parallel gradient average
+        equals the gradient of the global token mean. Nothing to do on one process."""
+
+    @contextlib.contextmanager
+    def main_first(self):
+        yield
+
+    def load_model(self, path: str | Path, resume: bool = False) -> nn.Module:
+        """The model of a checkpoint: to resume (`resume`) or to start from (--init)."""
+        from .checkpoint import load_model
+
+        return load_model(path)
+
+    def save_checkpoint(self, run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        trainer_state, info: dict, tokenizer=None, keep_last: int = 3,
+                        final: bool = False) -> Path | None:
+        """Write checkpoint `step` (trainer_state: a callable returning the trainer's state dict).
+        `final`: the run's last save (a sharded runtime also writes consolidated weights then)."""
+        from .checkpoint import save_checkpoint
+
+        path = None
+        if self.is_main:
+            path = save_checkpoint(run_dir, step, self.model_state_for_save(model), trainer_state(), info,
+                                   tokenizer, keep_last)
+        self.barrier()
+        return path
+
+    def load_checkpoint(self, ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """The trainer state to resume from (the weights were loaded with the model)."""
+        from .checkpoint import load_trainer_state
+
+        return load_trainer_state(ckpt)
+
+    def close(self) -> None:
+        pass
