@@ -26,7 +26,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
@@ -126,6 +128,17 @@ def load_consolidated(ckpt: str | os.PathLike, dtype: torch.dtype | None = None,
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()
+
+
+def load_optimizer_offline(shards: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer part of a `save_distributed` checkpoint into an unsharded model's optimizer,
+    in this process alone (a sharded run resumed on one process)."""
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    try:
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the optimizer state in {shards}: {str(e).splitlines()[0][:300]}") from e
+    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def export_hf(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -66,8 +66,9 @@ class Runtime:
     def optimizer_state_for_save(self, optimizer: torch.optim.Optimizer) -> dict:
         return optimizer.state_dict()
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
-        optimizer.load_state_dict(state)
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+        if state is not None:  # None: restored from a sharded run's checkpoint by load_checkpoint
+            optimizer.load_state_dict(state)
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         return optimizer
@@ -106,9 +107,14 @@ class Runtime:
 
     def load_checkpoint(self, ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         """The trainer state to resume from (the weights were loaded with the model)."""
-        from .checkpoint import load_trainer_state
+        from .checkpoint import DISTRIBUTED, has_distributed_state, load_trainer_state
 
-        return load_trainer_state(ckpt)
+        state = load_trainer_state(ckpt)
+        if state.get("optimizer") is None and has_distributed_state(ckpt):  # saved by a sharded run
+            from ..dist.checkpoint import load_optimizer_offline
+
+            load_optimizer_offline(Path(ckpt) / DISTRIBUTED, model, optimizer)
+        return state
 
     def close(self) -> None:
         pass
