@@ -99,6 +99,8 @@ def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
         if saved.get("mode", mode) != mode:
             raise ValueError(f"{ckpt} is a {saved.get('mode')} run; resume it with `moonlet {saved.get('mode')}`")
         _resume_batch_size(given, saved)
+        if int(saved.get("world_size", 1)) != _launch_world_size():  # a new process count: a new default layout
+            saved = {k: v for k, v in saved.items() if k not in ("dp_shard", "ep")}
         opts.update({k: v for k, v in saved.items() if k in defaults or k in ("out", "mode")})
         for k, v in given.items():
             if k in RESUME_OVERRIDABLE:
