@@ -35,7 +35,7 @@ from ..train.checkpoint import DISTRIBUTED, has_distributed_state, load_trainer_
 from ..train.optim import Muon
 from ..train.runtime import Runtime
 from .checkpoint import full_state_dict, load_distributed, plain_model, save_distributed
-from .mesh import ParallelismError, build_mesh, init_distributed, validate_parallelism
+from .mesh import ParallelismError, build_mesh, init_distributed
 from .muon import orthogonalize_sharded, scale_rows_
 from .parallelize import parallelize
 from .reduce import clip_grad_norm_, grad_norm
@@ -51,12 +51,17 @@ class DistRuntime(Runtime):
                  activation_checkpointing: bool = False, timeout_s: float = 600.0):
         world = launch_world_size()
         ep = 1 if ep is None else ep
+        for flag, v in (("--dp-shard", dp_shard), ("--ep", ep)):
+            if v is not None and v < 1:
+                raise ParallelismError(f"{flag} must be a positive integer, got {v}")
+        if world == 1:  # flags asking for more processes than this launch has: say how to launch
+            n = (dp_shard or 1) * ep
+            raise ParallelismError(f"--dp-shard {dp_shard or 1} x --ep {ep} = {n} processes, but this is a single "
+                                   f"process: launch with `torchrun --nproc-per-node {n} -m moonlet train ...`")
         if dp_shard is None:
-            if ep < 1 or world % ep:
+            if world % ep:
                 raise ParallelismError(f"--ep {ep} does not divide the number of processes ({world})")
             dp_shard = world // ep
-        if world == 1:  # flags asking for more processes than this launch has
-            validate_parallelism(None, 1, dp_shard, ep)
         want_cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if want_cuda and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")

@@ -1,0 +1,182 @@
+"""`torchrun ... -m moonlet train` (CPU, gloo, 2 processes) against the one-process run of the same
+global batch: `-b 4` on one process vs `-b 2` on each of 2 processes reads the same rows per step.
+
+What is pinned (references: the one-process run of the same CLI command, itself covered by
+tests/test_trainer.py and tests/test_optim.py):
+  * FSDP2 (dp_shard 2) + AdamW, fp32: per-step loss, gradient norm and final val loss within 1e-5
+    relative; the consolidated export at the end has the one-process weights (Frobenius 1e-5) and
+    loads into transformers' DeepseekV3 with the same logits;
+  * expert parallel (ep 2) + MuonClip with a tau low enough to clip heads: within 2e-4 relative
+    (Muon's Newton-Schulz runs in bfloat16: summation-order noise in the fp32 gradient flips the odd
+    bf16 rounding of the gathered update, ~1e-5 per step);
+  * the 2-process run's step-2 checkpoint (DCP shards only) resumed on ONE process continues with the
+    same losses as the 2-process run;
+  * bad layout flags exit 1 with one clear line (one process and under torchrun).
+All launches are bounded by timeouts; the three torchrun launches run concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moonlet.cli import main
+from moonlet.data.corpus import bundled_documents
+from moonlet.data.tokenizer import train_tokenizer
+from moonlet.train.checkpoint import has_distributed_state, list_checkpoints, load_model
+
+pytestmark = pytest.mark.slow
+
+SRC = Path(__file__).parent.parent / "src"
+MICRO = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+             num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+             v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+             first_k_dense_replace=1, num_nextn_predict_layers=1, max_position_embeddings=256)
+STEPS = 4
+TIMEOUT = 420  # per launch; they normally take 30-60 s on 2 loaded cores
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _common(d: Path, optimizer: str, sets: dict | None = None) -> list[str]:
+    sets = {**MICRO, **(sets or {})}
+    return ["--preset", "tiny", "--set", *[f"{k}={json.dumps(v)}" for k, v in sets.items()],
+            "--tokenizer", str(d / "tok"), "--data", str(d / "train.txt"), "--val-data", str(d / "val.txt"),
+            "--steps", str(STEPS), "--seq-len", "32", "--optimizer", optimizer, "--lr", "1e-2", "--warmup-steps", "1",
+            "--log-interval", "1", "--eval-interval", "0", "--eval-batches", "2", "--bias-update-gamma", "1e-2",
+            "--balance-alpha", "1e-3", "--qk-clip-tau", "0.05", "--save-interval", "2", "--keep-last", "0"]
+
+
+class Launch:
+    """torchrun --standalone --nproc-per-node N -m moonlet train ARGS, in its own process group."""
+
+    def __init__(self, n: int, args: list[str], log: Path):
+        env = dict(os.environ, OMP_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+        self.log = log
+        self.f = open(log, "w")
+        self.p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc-per-node={n}", "-m", "moonlet", "train", *args],
+                                  stdout=self.f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait(self) -> tuple[int, str]:
+        try:
+            self.p.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.p.pid, signal.SIGKILL)
+            self.p.wait()
+            pytest.fail(f"torchrun did not finish in {TIMEOUT}s:\n{self.log.read_text()[-3000:]}")
+        finally:
+            self.f.close()
+        return self.p.returncode, self.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist_train")
+    docs = bundled_documents("val")
+    train_tokenizer(docs[:1], vocab_size=400).save(d / "tok")
+    (d / "train.txt").write_text(docs[0][:40_000])
+    (d / "val.txt").write_text(docs[1][:6_000])
+    launches = {
+        "adamw2": Launch(2, [*_common(d, "adamw"), "-b", "2", "--dp-shard", "2", "--out", str(d / "adamw2")],
+                         d / "adamw2.log"),
+        "muon2": Launch(2, [*_common(d, "muonclip"), "-b", "2", "--ep", "2", "--out", str(d / "muon2")],
+                        d / "muon2.log"),
+        "bad_ep": Launch(2, [*_common(d, "adamw", dict(n_routed_experts=3, n_group=1)), "-b", "2", "--ep", "2",
+                             "--out", str(d / "bad")], d / "bad.log"),
+    }
+    # the one-process references run here meanwhile
+    for name, opt in (("adamw1", "adamw"), ("muon1", "muonclip")):
+        assert main(["train", *_common(d, opt), "-b", "4", "--out", str(d / name)]) == 0
+    return d, {k: v.wait() for k, v in launches.items()}
+
+
+def _history(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] in ("train", "val")]
+
+
+def _check_same(got: list[dict], ref: list[dict], rel: float, steps=None) -> None:
+    pick = lambda h: [r for r in h if steps is None or r["step"] in steps]  # noqa: E731
+    got, ref = pick(got), pick(ref)
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in ref]
+    for g, r in zip(got, ref):
+        for key in ("loss", "ce", "grad_norm", "val_loss"):
+            if key in r:
+                assert abs(g[key] - r[key]) <= rel * abs(r[key]), (key, g, r)
+        if "clipped_heads" in r:
+            assert g["clipped_heads"] == r["clipped_heads"]
+
+
+def _ok(runs, name):
+    d, results = runs
+    code, log = results[name]
+    assert code == 0, log[-4000:]
+    return d
+
+
+def test_fsdp_adamw_matches_one_process_and_exports_hf(runs):
+    d = _ok(runs, "adamw2")
+    _check_same(_history(d / "adamw2"), _history(d / "adamw1"), 1e-5)
+    # final checkpoint: shards + the consolidated HF export; equal to the one-process weights
+    ckpt = list_checkpoints(d / "adamw2")[-1][1]
+    assert has_distributed_state(ckpt) and (ckpt / "model.safetensors").exists()
+    got, ref = load_model(d / "adamw2"), load_model(d / "adamw1")
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        assert float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)) < 1e-5, name
+    # transformers reads the export as an ordinary DeepseekV3 checkpoint
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = torch.randint(3, 400, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = got.eval()(ids).logits
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_parallel_muonclip_matches_one_process(runs):
+    d = _ok(runs, "muon2")
+    hist = _history(d / "muon2")
+    assert sum(r.get("clipped_heads", 0) for r in hist) > 0  # QK-clip ran on the sharded projections
+    _check_same(hist, _history(d / "muon1"), 2e-4)
+
+
+def test_two_process_checkpoint_resumes_on_one_process(runs, capsys):
+    d = _ok(runs, "muon2")
+    run = d / "muon2_resumed"
+    run.mkdir()
+    (run / "checkpoints").mkdir()
+    step2 = d / "muon2" / "checkpoints" / "step_0000002"
+    assert has_distributed_state(step2) and not (step2 / "model.safetensors").exists()  # shards only
+    os.symlink(step2, run / "checkpoints" / "step_0000002")
+    # -b is derived: 2 rows x 2 processes -> 4 rows on one process
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    _check_same(_history(run), _history(d / "muon2"), 1e-5, steps=range(3, STEPS + 1))
+
+
+def test_layout_flag_errors_are_one_clear_line(runs, tmp_path, capsys):
+    d, results = runs
+    code, log = results["bad_ep"]
+    assert code != 0 and "moonlet train: error: n_routed_experts (3) is not divisible by ep (2)" in log
+    base = _common(d, "adamw") + ["--out", str(tmp_path / "x")]
+    for flags, msg in ((["--ep", "2"], "--dp-shard 1 x --ep 2 = 2 processes, but this is a single process: "
+                                       "launch with `torchrun --nproc-per-node 2"),
+                       (["--ep", "0"], "--ep must be a positive integer, got 0")):
+        assert main(["train", *base, *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("moonlet train: error: ") and msg in err[0], err
