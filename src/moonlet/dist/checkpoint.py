@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -100,6 +101,12 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _load_one_process(state: dict, shards: Path) -> None:
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+
+
 def plain_model(cfg) -> CausalLM:
     """An unsharded CausalLM on CPU with uninitialised weights (they are loaded next)."""
     with torch.device("meta"):
@@ -121,7 +128,7 @@ def load_consolidated(ckpt: str | os.PathLike, dtype: torch.dtype | None = None,
     model = plain_model(ModelConfig.load(ckpt))
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+        _load_one_process(state, shards)
     except Exception as e:
         raise CheckpointError(f"cannot read the distributed checkpoint {shards}: {str(e).splitlines()[0][:300]}") from e
     model.load_state_dict(state["model"], strict=True)
@@ -135,7 +142,7 @@ def load_optimizer_offline(shards: str | os.PathLike, model: torch.nn.Module, op
     in this process alone (a sharded run resumed on one process)."""
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
     try:
-        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+        _load_one_process(state, shards)
     except Exception as e:
         raise CheckpointError(f"cannot read the optimizer state in {shards}: {str(e).splitlines()[0][:300]}") from e
     set_optimizer_state_dict(model, optimizer, state["optim"])
