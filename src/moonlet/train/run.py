@@ -48,8 +48,9 @@ def make_runtime(opts: dict) -> Runtime:
     """The process topology: one process, or under torchrun (or with --dp-shard/--ep) moonlet.dist's
     sharded runtime (FSDP2 + expert parallelism)."""
     device = opts.get("device", "cpu")
-    dp_shard, ep = opts.get("dp_shard"), opts.get("ep") or 1
-    if _launch_world_size() > 1 or (dp_shard or 1) > 1 or ep > 1:
+    dp_shard, ep = opts.get("dp_shard"), opts.get("ep")
+    ep = 1 if ep is None else ep
+    if _launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
         from ..dist.runtime import DistRuntime
 
         return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"))
