@@ -9,6 +9,8 @@ tests/test_trainer.py and tests/test_optim.py):
   * expert parallel (ep 2) + MuonClip with a tau low enough to clip heads: within 2e-4 relative
     (Muon's Newton-Schulz runs in bfloat16: summation-order noise in the fp32 gradient flips the odd
     bf16 rounding of the gathered update, ~1e-5 per step);
+  * an intermediate checkpoint (shards only) consolidated by `python -m moonlet.dist.export` has the
+    one-process run's step-2 weights;
   * the 2-process runs' step-2 checkpoints (DCP shards only) resumed on ONE process continue with
     the 2-process runs' losses (AdamW 1e-5, Muon 2e-4: one process sums the gradient in another order);
   * bad layout flags exit 1 with one clear line (one process and under torchrun).
@@ -135,8 +137,7 @@ def test_fsdp_adamw_matches_one_process_and_exports_hf(runs):
     ckpt = list_checkpoints(d / "adamw2")[-1][1]
     assert has_distributed_state(ckpt) and (ckpt / "model.safetensors").exists()
     got, ref = load_model(d / "adamw2"), load_model(d / "adamw1")
-    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
-        assert float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)) < 1e-5, name
+    _assert_same_weights(got, ref)
     # transformers reads the export as an ordinary DeepseekV3 checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -153,6 +154,20 @@ def test_expert_parallel_muonclip_matches_one_process(runs):
     hist = _history(d / "muon2")
     assert sum(r.get("clipped_heads", 0) for r in hist) > 0  # QK-clip ran on the sharded projections
     _check_same(hist, _history(d / "muon1"), 2e-4)
+
+
+def _assert_same_weights(got, ref, rel=1e-5):
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
+        assert float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)) < rel, name
+
+
+def test_intermediate_checkpoint_exports_to_the_one_process_weights(runs, tmp_path):
+    from moonlet.dist.export import main as export_main
+
+    d = _ok(runs, "adamw2")
+    assert export_main([str(d / "adamw2" / "checkpoints" / "step_0000002"), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    _assert_same_weights(load_model(tmp_path / "hf"), load_model(d / "adamw1" / "checkpoints" / "step_0000002"))
 
 
 @pytest.mark.parametrize("name, rel", [("adamw2", 1e-5), ("muon2", 2e-4)])
