@@ -107,18 +107,31 @@ class DistRuntime(Runtime):
     def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
         return clip_grad_norm_(params, max_norm) if max_norm > 0 else grad_norm(params)
 
-    def normalize_losses(self, out, batch) -> None:
-        depth = len(batch.mtp_labels)
+    def skip_microbatch(self, batch) -> bool:
+        """Count this micro-batch's loss tokens (main head, each MTP depth) on every rank. A rank with
+        none at some head would run that head without a gradient and its FSDP reduction would not
+        match its peers', so then every rank skips the micro-batch (rare: fully masked SFT rows)."""
         counts = torch.tensor([float((lab != IGNORE_INDEX).sum()) for lab in [batch.labels, *batch.mtp_labels]],
                               dtype=torch.float64, device=self.device)
-        total = counts.clone()
+        total, least = counts.clone(), counts.clone()
         dist.all_reduce(total)
-        w = torch.where(total > 0, counts * self.world_size / total.clamp(min=1), torch.ones_like(total)).float()
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        self._counts, self._total = counts, total
+        return bool((least == 0).any())
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item() > 0)
+
+    def normalize_losses(self, out, batch) -> None:
+        depth = len(batch.mtp_labels)
+        counts, total = self._counts, self._total  # from skip_microbatch, called for this micro-batch
+        w = (counts * self.world_size / total.clamp(min=1)).float()
         if out.ce_loss is not None:
             out.ce_loss = out.ce_loss * w[0]
-        present = [k for k in range(depth) if counts[k + 1] > 0]  # the model skips depths with no target
-        if out.mtp_losses and len(present) == len(out.mtp_losses):
-            out.mtp_losses = [m * w[k + 1] for m, k in zip(out.mtp_losses, present)]
+        if len(out.mtp_losses) == depth:  # every depth has targets here (else skipped above)
+            out.mtp_losses = [m * w[k + 1] for k, m in enumerate(out.mtp_losses)]
 
     def barrier(self) -> None:
         dist.barrier()

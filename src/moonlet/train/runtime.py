@@ -15,6 +15,7 @@ and the trainer loop stays the same:
     load_optimizer_state(opt, state)
     prepare_optimizer(opt)                     make an optimizer shard-aware (Muon's orthogonalization)
     scale_rows_(param, row_scale)              QK-clip's per-row scaling of a (sharded) weight
+    skip_microbatch(batch) / loss_is_finite(loss)   decisions every rank must take alike
     normalize_losses(out, batch)               per-rank token means -> shares of the global mean
     main_first()                               rank 0 prepares shared files (tokenizer, data cache) first
     load_model(path, resume) / save_checkpoint(...) / load_checkpoint(...)   checkpoint I/O
@@ -76,6 +77,14 @@ class Runtime:
     @torch.no_grad()
     def scale_rows_(self, param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
         param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
+
+    def skip_microbatch(self, batch) -> bool:
+        """A micro-batch with no loss tokens is skipped (on every rank alike when sharded)."""
+        return batch.n_loss_tokens == 0
+
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Whether to backpropagate this micro-batch (all ranks agree when sharded)."""
+        return bool(torch.isfinite(loss.detach()))
 
     def normalize_losses(self, out, batch) -> None:
         """Rescale out.ce_loss / out.mtp_losses in place so that the data-parallel gradient average

@@ -205,7 +205,7 @@ class Trainer:
         for _ in range(a.grad_accum):
             batch = self.train_loader.next_batch().to(self.runtime.device)
             n_tokens += batch.input_ids.numel()
-            if batch.n_loss_tokens == 0:  # e.g. SFT rows whose assistant turns were truncated away
+            if self.runtime.skip_microbatch(batch):  # e.g. SFT rows whose assistant turns were truncated away
                 continue
             with self._autocast():
                 out = self.model(batch.input_ids, batch.labels, mtp_labels=batch.mtp_labels,
@@ -213,7 +213,7 @@ class Trainer:
                 self.runtime.normalize_losses(out, batch)
                 loss, parts = self.objective(out, batch)
             self.loads.collect()
-            if not torch.isfinite(loss.detach()):
+            if not self.runtime.loss_is_finite(loss):
                 finite = False
                 continue
             (loss / a.grad_accum).backward()
