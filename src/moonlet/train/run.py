@@ -290,6 +290,9 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
             f"{train_loader.num_rows(0) // (train_loader.global_batch * args.grad_accum)} steps per epoch "
             f"at {args.batch_size * args.grad_accum * runtime.world_size} x {args.seq_len} tokens per step")
     if runtime.world_size > 1:
+        if val_loader.num_rows(0) < runtime.world_size:  # a rank without a validation row would stall the others
+            raise ValueError(f"the validation data gives {val_loader.num_rows(0)} rows of {args.seq_len + 1} tokens, "
+                             f"fewer than the {runtime.world_size} processes; use more validation data")
         say(f"distributed: {runtime.describe()}, {args.batch_size} rows per process")
 
     n_params = sum(p.numel() for p in model.parameters())
