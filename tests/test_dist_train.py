@@ -6,13 +6,14 @@ tests/test_trainer.py and tests/test_optim.py):
   * FSDP2 (dp_shard 2) + AdamW, fp32: per-step loss, gradient norm and final val loss within 1e-5
     relative; the consolidated export at the end has the one-process weights (Frobenius 1e-5) and
     loads into transformers' DeepseekV3 with the same logits;
-  * expert parallel (ep 2) + MuonClip with a tau low enough to clip heads: within 2e-4 relative
-    (Muon's Newton-Schulz runs in bfloat16: summation-order noise in the fp32 gradient flips the odd
-    bf16 rounding of the gathered update, ~1e-5 per step);
+  * expert parallel (ep 2) + MuonClip with a tau low enough to clip heads: within 5e-4 relative
+    (measured: loss 2e-5, grad norm 1e-4 over 4 steps). Muon's Newton-Schulz runs in bfloat16, and
+    summation-order noise in the fp32 gradient flips the odd bf16 rounding of the gathered update;
+    with float32 Newton-Schulz the same runs agree to 3e-7 (docs/LOG.md);
   * an intermediate checkpoint (shards only) consolidated by `python -m moonlet.dist.export` has the
     one-process run's step-2 weights;
   * the 2-process runs' step-2 checkpoints (DCP shards only) resumed on ONE process continue with
-    the 2-process runs' losses (AdamW 1e-5, Muon 2e-4: one process sums the gradient in another order);
+    the 2-process runs' losses (AdamW 1e-5, Muon 5e-4: one process sums the gradient in another order);
   * bad layout flags exit 1 with one clear line (one process and under torchrun).
 All launches are bounded by timeouts; the three torchrun launches run concurrently.
 """
@@ -153,7 +154,7 @@ def test_expert_parallel_muonclip_matches_one_process(runs):
     d = _ok(runs, "muon2")
     hist = _history(d / "muon2")
     assert sum(r.get("clipped_heads", 0) for r in hist) > 0  # QK-clip ran on the sharded projections
-    _check_same(hist, _history(d / "muon1"), 2e-4)
+    _check_same(hist, _history(d / "muon1"), 5e-4)
 
 
 def _assert_same_weights(got, ref, rel=1e-5):
@@ -170,7 +171,7 @@ def test_intermediate_checkpoint_exports_to_the_one_process_weights(runs, tmp_pa
     _assert_same_weights(load_model(tmp_path / "hf"), load_model(d / "adamw1" / "checkpoints" / "step_0000002"))
 
 
-@pytest.mark.parametrize("name, rel", [("adamw2", 1e-5), ("muon2", 2e-4)])
+@pytest.mark.parametrize("name, rel", [("adamw2", 1e-5), ("muon2", 5e-4)])
 def test_two_process_checkpoint_resumes_on_one_process(runs, capsys, name, rel):
     d = _ok(runs, name)
     run = d / f"{name}_resumed"

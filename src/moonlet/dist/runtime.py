@@ -22,6 +22,7 @@ code as on one process, and every place it touches the topology lands here:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -39,6 +40,17 @@ from .mesh import ParallelismError, build_mesh, init_distributed
 from .muon import orthogonalize_sharded, scale_rows_
 from .parallelize import parallelize
 from .reduce import clip_grad_norm_, grad_norm
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def launch_world_size() -> int:
@@ -178,7 +190,8 @@ class DistRuntime(Runtime):
         root = Path(run_dir) / "checkpoints"
         staged = root / f".tmp_step_{step:07d}_{self._pid0}_shards"
         save_distributed(staged, model, [optimizer])  # collective, atomic (rank 0 renames)
-        full = full_state_dict(model) if final else None  # collective: gathered to rank 0's CPU
+        with _quiet("torch.distributed.tensor._redistribute"):  # "2 sequential all_gathers" for EP experts
+            full = full_state_dict(model) if final else None  # collective: gathered to rank 0's CPU
         path = None
         if self.is_main:
             state = trainer_state()
