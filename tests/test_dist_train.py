@@ -109,7 +109,8 @@ def runs(tmp_path_factory):
 
 
 def _history(run: Path) -> list[dict]:
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] in ("train", "val")]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r for r in records if r["kind"] in ("train", "val")]
 
 
 def _check_same(got: list[dict], ref: list[dict], rel: float, steps=None) -> None:

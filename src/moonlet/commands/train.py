@@ -92,8 +92,10 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
     opt(g, "--max-nonfinite", type=int, help="non-finite steps in a row that stop the run")
 
     g = p.add_argument_group("distributed (under torchrun; docs/distributed.md)")
-    opt(g, "--dp-shard", type=int, help="FSDP ranks per expert block; dp-shard x ep = processes (default: processes / ep)")
-    opt(g, "--ep", type=int, help="expert-parallel ranks: routed experts are split over them (must divide the expert count)")
+    opt(g, "--dp-shard", type=int,
+        help="FSDP ranks per expert block; dp-shard x ep = processes (default: processes / ep)")
+    opt(g, "--ep", type=int,
+        help="expert-parallel ranks: routed experts are split over them (must divide the expert count)")
 
 
 def register(sub) -> None:
