@@ -6,7 +6,8 @@ tests/test_trainer.py and tests/test_optim.py):
   * FSDP2 (dp_shard 2) + AdamW, fp32: per-step loss, gradient norm and final val loss within 1e-5
     relative; the consolidated export at the end has the one-process weights (Frobenius 1e-5) and
     loads into transformers' DeepseekV3 with the same logits;
-  * expert parallel (ep 2) + MuonClip with a tau low enough to clip heads: within 5e-4 relative
+  * expert parallel (ep 2, activation checkpointing: the recomputation replays the all-to-alls) +
+    MuonClip with a tau low enough to clip heads: within 5e-4 relative
     (measured: loss 2e-5, grad norm 1e-4 over 4 steps). Muon's Newton-Schulz runs in bfloat16, and
     summation-order noise in the fp32 gradient flips the odd bf16 rounding of the gathered update;
     with float32 Newton-Schulz the same runs agree to 3e-7 (docs/LOG.md);
@@ -97,8 +98,8 @@ def runs(tmp_path_factory):
     launches = {
         "adamw2": Launch(2, [*_common(d, "adamw"), "-b", "2", "--dp-shard", "2", "--out", str(d / "adamw2")],
                          d / "adamw2.log"),
-        "muon2": Launch(2, [*_common(d, "muonclip"), "-b", "2", "--ep", "2", "--out", str(d / "muon2")],
-                        d / "muon2.log"),
+        "muon2": Launch(2, [*_common(d, "muonclip"), "-b", "2", "--ep", "2", "--activation-checkpointing",
+                            "--out", str(d / "muon2")], d / "muon2.log"),
         "bad_ep": Launch(2, [*_common(d, "adamw", dict(n_routed_experts=3, n_group=1)), "-b", "2", "--ep", "2",
                              "--out", str(d / "bad")], d / "bad.log"),
     }
@@ -184,6 +185,12 @@ def test_two_process_checkpoint_resumes_on_one_process(runs, capsys, name, rel):
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     _check_same(_history(run), _history(d / name), rel, steps=range(3, STEPS + 1))
+
+
+def test_activation_checkpointing_on_one_process_changes_nothing(runs, tmp_path):
+    d = _ok(runs, "adamw2")
+    assert main(["train", *_common(d, "adamw"), "-b", "4", "--activation-checkpointing", "--out", str(tmp_path / "ac")]) == 0
+    _check_same(_history(tmp_path / "ac"), _history(d / "adamw1"), 1e-6)
 
 
 def test_layout_flag_errors_are_one_clear_line(runs, tmp_path, capsys):

@@ -96,6 +96,8 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
         help="FSDP ranks per expert block; dp-shard x ep = processes (default: processes / ep)")
     opt(g, "--ep", type=int,
         help="expert-parallel ranks: routed experts are split over them (must divide the expert count)")
+    opt(g, "--activation-checkpointing", action="store_true",
+        help="recompute each block's activations in the backward pass (less memory, ~1 more forward)")
 
 
 def register(sub) -> None:

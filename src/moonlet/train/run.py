@@ -31,13 +31,13 @@ from .trainer import TrainArgs, Trainer
 
 TRAIN_DEFAULTS: dict = dict(
     model="tiny", data=None, val_data=None, val_fraction=0.02, tokenizer=None, vocab_size=None, init=None,
-    resume=None, set=[], device="cpu", dp_shard=None, ep=1, **asdict(TrainArgs()),
+    resume=None, set=[], device="cpu", dp_shard=None, ep=1, activation_checkpointing=False, **asdict(TrainArgs()),
 )
 SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
                           min_lr_ratio=0.0, val_fraction=0.05)
 RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
                       "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer",
-                      "dp_shard", "ep"}
+                      "dp_shard", "ep", "activation_checkpointing"}
 
 
 def _launch_world_size() -> int:
@@ -53,10 +53,11 @@ def make_runtime(opts: dict) -> Runtime:
     if _launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
         from ..dist.runtime import DistRuntime
 
-        return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"))
+        return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"),
+                           activation_checkpointing=bool(opts.get("activation_checkpointing")))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Runtime(device)
+    return Runtime(device, activation_checkpointing=bool(opts.get("activation_checkpointing")))
 
 
 def _resume_batch_size(given: dict, saved: dict) -> None:

@@ -5,7 +5,7 @@ distributed runtime (moonlet.dist: FSDP2 + expert parallel) is a subclass overri
 and the trainer loop stays the same:
 
     device / rank / world_size / is_main      data sharding, logging and checkpoint writing on rank 0
-    wrap_model(model)                          FSDP2 / EP wrapping (identity here)
+    wrap_model(model)                          FSDP2 / EP wrapping (here: activation checkpointing, if asked)
     unwrap_model(model)                        the CausalLM whose state is saved
     all_reduce(t, op)                          losses (mean), expert loads (sum), max logits (max)
     clip_grad_norm_(params, max_norm)          total norm over (possibly sharded) gradients
@@ -25,6 +25,7 @@ and the trainer loop stays the same:
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ from torch import nn
 
 
 class Runtime:
-    def __init__(self, device: str | torch.device = "cpu"):
+    def __init__(self, device: str | torch.device = "cpu", activation_checkpointing: bool = False):
         self.device = torch.device(device)
+        self.activation_checkpointing = activation_checkpointing
 
     rank = 0
     world_size = 1
@@ -43,6 +45,9 @@ class Runtime:
         return self.rank == 0
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
+        if self.activation_checkpointing:
+            for block in [*model.model.layers, *model.mtp]:
+                block.forward = functools.partial(_checkpointed, block.forward)
         return model
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
@@ -127,3 +132,10 @@ class Runtime:
 
     def close(self) -> None:
         pass
+
+
+def _checkpointed(forward, *args, **kwargs):
+    """A block's forward whose activations are recomputed in the backward pass."""
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
