@@ -15,8 +15,10 @@ tests/test_trainer.py and tests/test_optim.py):
     one-process run's step-2 weights;
   * the 2-process runs' step-2 checkpoints (DCP shards only) resumed on ONE process continue with
     the 2-process runs' losses (AdamW 1e-5, Muon 5e-4: one process sums the gradient in another order);
+  * the one-process AdamW run's step-2 checkpoint resumed on 2 processes (its optimizer state sliced
+    to the shards) continues with the one-process losses;
   * bad layout flags exit 1 with one clear line (one process and under torchrun).
-All launches are bounded by timeouts; the three torchrun launches run concurrently.
+All launches are bounded by timeouts; the four torchrun launches run concurrently.
 """
 
 from __future__ import annotations
@@ -103,10 +105,21 @@ def runs(tmp_path_factory):
         "bad_ep": Launch(2, [*_common(d, "adamw", dict(n_routed_experts=3, n_group=1)), "-b", "2", "--ep", "2",
                              "--out", str(d / "bad")], d / "bad.log"),
     }
-    # the one-process references run here meanwhile
-    for name, opt in (("adamw1", "adamw"), ("muon1", "muonclip")):
-        assert main(["train", *_common(d, opt), "-b", "4", "--out", str(d / name)]) == 0
+    # the one-process references run here meanwhile; the AdamW one's step-2 checkpoint is then
+    # resumed on 2 processes (scale-out: its optimizer state is sliced to the shards)
+    assert main(["train", *_common(d, "adamw"), "-b", "4", "--out", str(d / "adamw1")]) == 0
+    _link_checkpoint(d / "adamw1", d / "scale_out", 2)
+    launches["scale_out"] = Launch(2, ["--out", str(d / "scale_out"), "--resume"], d / "scale_out.log")
+    assert main(["train", *_common(d, "muonclip"), "-b", "4", "--out", str(d / "muon1")]) == 0
     return d, {k: v.wait() for k, v in launches.items()}
+
+
+def _link_checkpoint(src_run: Path, run: Path, step: int) -> Path:
+    """A new run directory whose only checkpoint is `src_run`'s step `step` (a symlink)."""
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = src_run / "checkpoints" / f"step_{step:07d}"
+    os.symlink(ckpt, run / "checkpoints" / ckpt.name)
+    return ckpt
 
 
 def _history(run: Path) -> list[dict]:
@@ -177,14 +190,18 @@ def test_intermediate_checkpoint_exports_to_the_one_process_weights(runs, tmp_pa
 def test_two_process_checkpoint_resumes_on_one_process(runs, capsys, name, rel):
     d = _ok(runs, name)
     run = d / f"{name}_resumed"
-    (run / "checkpoints").mkdir(parents=True)
-    step2 = d / name / "checkpoints" / "step_0000002"
+    step2 = _link_checkpoint(d / name, run, 2)
     assert has_distributed_state(step2) and not (step2 / "model.safetensors").exists()  # shards only
-    os.symlink(step2, run / "checkpoints" / "step_0000002")
     # -b is derived from the saved global batch: 2 rows x 2 processes -> 4 rows on one process
     assert main(["train", "--out", str(run), "--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
     _check_same(_history(run), _history(d / name), rel, steps=range(3, STEPS + 1))
+
+
+def test_one_process_checkpoint_resumes_on_two_processes(runs):
+    d = _ok(runs, "scale_out")
+    assert not has_distributed_state(d / "adamw1" / "checkpoints" / "step_0000002")  # a plain checkpoint
+    _check_same(_history(d / "scale_out"), _history(d / "adamw1"), 1e-5, steps=range(3, STEPS + 1))
 
 
 def test_activation_checkpointing_on_one_process_changes_nothing(runs, tmp_path):
