@@ -70,7 +70,7 @@ class Launch:
     """torchrun --standalone --nproc-per-node N -m moonlet train ARGS, in its own process group."""
 
     def __init__(self, n: int, args: list[str], log: Path):
-        env = dict(os.environ, OMP_NUM_THREADS="1",
+        env = dict(os.environ, OMP_NUM_THREADS="1", MOONLET_DIST_TIMEOUT="120",
                    PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
         self.log = log
         self.f = open(log, "w")

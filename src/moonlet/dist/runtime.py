@@ -60,7 +60,10 @@ def launch_world_size() -> int:
 
 class DistRuntime(Runtime):
     def __init__(self, device: str = "cpu", dp_shard: int | None = None, ep: int = 1, precision: str = "fp32",
-                 activation_checkpointing: bool = False, timeout_s: float = 600.0):
+                 activation_checkpointing: bool = False, timeout_s: float | None = None):
+        """timeout_s bounds every collective (default: $MOONLET_DIST_TIMEOUT or 600 s): a rank that
+        stalls makes the others fail with a diagnosis instead of waiting forever."""
+        timeout_s = float(os.environ.get("MOONLET_DIST_TIMEOUT", "600")) if timeout_s is None else timeout_s
         world = launch_world_size()
         ep = 1 if ep is None else ep
         for flag, v in (("--dp-shard", dp_shard), ("--ep", ep)):
