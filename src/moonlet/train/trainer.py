@@ -227,6 +227,8 @@ class Trainer:
                 cur = [m.detach().float() for m in out.max_logits]
                 max_logits = cur if max_logits is None else [torch.maximum(x, y) for x, y in zip(max_logits, cur)]
         loads = [None if x is None else self.runtime.all_reduce(x, "sum") for x in self.loads.take()]
+        if max_logits is not None:  # the global batch's (QK-clip and the log)
+            max_logits = [self.runtime.all_reduce(m, "max") for m in max_logits]
         dev = self.runtime.device
         bad = self.runtime.all_reduce(torch.tensor(0.0 if finite and n_micro else 1.0, device=dev), "max")
         grad_norm = (self.runtime.clip_grad_norm_(self.params, a.grad_clip) if float(bad) == 0
@@ -249,7 +251,6 @@ class Trainer:
                     if load is not None:
                         update_expert_bias_(layer.gate, load, a.bias_update_gamma)
             if self.qk_clip is not None and max_logits is not None:
-                max_logits = [self.runtime.all_reduce(m, "max") for m in max_logits]
                 record_out.update(self.qk_clip(max_logits))
         self.step += 1
         self.tokens_seen += n_tokens * self.runtime.world_size
