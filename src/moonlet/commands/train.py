@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   moonlet train --config my_config.json --data corpus.jsonl --tokenizer tok/ --precision bf16 --out runs/x
   moonlet train --out runs/tiny --resume                          # continue from the newest checkpoint
   moonlet train --out runs/tiny --resume --steps 4000             # ... and train longer
+  torchrun --standalone --nproc-per-node 4 -m moonlet train --preset small --ep 2 --out runs/s4
+                                                                  # 4 processes: FSDP2 x expert parallel
 """
 
 
@@ -89,6 +91,14 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
     opt(g, "--keep-last", type=int, help="checkpoints kept (0: all)")
     opt(g, "--max-nonfinite", type=int, help="non-finite steps in a row that stop the run")
 
+    g = p.add_argument_group("distributed (under torchrun; docs/distributed.md)")
+    opt(g, "--dp-shard", type=int,
+        help="FSDP ranks per expert block; dp-shard x ep = processes (default: processes / ep)")
+    opt(g, "--ep", type=int,
+        help="expert-parallel ranks: routed experts are split over them (must divide the expert count)")
+    opt(g, "--activation-checkpointing", action="store_true",
+        help="recompute each block's activations in the backward pass (less memory, ~1 more forward)")
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="pretrain a model (tiny/small/config.json) on text",
@@ -103,6 +113,7 @@ def given_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace, mode: str = "pretrain") -> int:
+    import os
     import sys
 
     from ..train.trainer import TrainingDiverged
@@ -113,6 +124,20 @@ def run(args: argparse.Namespace, mode: str = "pretrain") -> int:
     except TrainingDiverged as e:
         print(f"moonlet {args.command}: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError, KeyboardInterrupt):
+        raise  # the CLI prints one line and exits non-zero
+    except Exception as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: never hang, say which rank and why
+            from ..dist.failure import describe_failure
+
+            import traceback
+
+            traceback.print_exc()
+            print(describe_failure(e), file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
+    if not summary.get("is_main", True):
+        return 0
     val = summary["val_loss"]
     print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, "
           + (f"val loss {val:.4f}, " if val is not None else "")

@@ -25,26 +25,61 @@ from ..data.corpus import (BUNDLED, bundled_documents, read_chat_documents, read
 from ..data.loader import ChatLoader, PackedTextLoader, TokenStream
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..model import CausalLM
-from .checkpoint import list_checkpoints, load_model, load_train_args, resolve_checkpoint
+from .checkpoint import list_checkpoints, load_train_args, resolve_checkpoint
 from .runtime import Runtime
 from .trainer import TrainArgs, Trainer
 
 TRAIN_DEFAULTS: dict = dict(
     model="tiny", data=None, val_data=None, val_fraction=0.02, tokenizer=None, vocab_size=None, init=None,
-    resume=None, set=[], device="cpu", **asdict(TrainArgs()),
+    resume=None, set=[], device="cpu", dp_shard=None, ep=1, activation_checkpointing=False, **asdict(TrainArgs()),
 )
 SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
                           min_lr_ratio=0.0, val_fraction=0.05)
 RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
-                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer"}
+                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer",
+                      "dp_shard", "ep", "activation_checkpointing"}
+
+
+def _launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
 
 
 def make_runtime(opts: dict) -> Runtime:
-    """The process topology. Single process; moonlet.dist will return its runtime under torchrun."""
+    """The process topology: one process, or under torchrun (or with --dp-shard/--ep) moonlet.dist's
+    sharded runtime (FSDP2 + expert parallelism)."""
     device = opts.get("device", "cpu")
+    dp_shard, ep = opts.get("dp_shard"), opts.get("ep")
+    ep = 1 if ep is None else ep
+    if _launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
+        from ..dist.runtime import DistRuntime
+
+        return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"),
+                           activation_checkpointing=bool(opts.get("activation_checkpointing")))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Runtime(device)
+    return Runtime(device, activation_checkpointing=bool(opts.get("activation_checkpointing")))
+
+
+def _resume_batch_size(given: dict, saved: dict) -> None:
+    """The global batch (rows per step = batch_size x processes) decides the data order, so it cannot
+    change on resume; the number of processes can. Without -b, a different process count gets the
+    per-process batch that keeps the global one; with -b, the global batch is checked."""
+    world, saved_world = _launch_world_size(), int(saved.get("world_size", 1))
+    if "batch_size" not in saved:
+        return
+    global_b = saved["batch_size"] * saved_world
+    if "batch_size" not in given:
+        if world != saved_world:
+            if global_b % world:
+                raise ValueError(f"the run's global batch ({global_b} rows: --batch-size {saved['batch_size']} x "
+                                 f"{saved_world} processes) is not divisible by {world} processes")
+            given["batch_size"] = saved["batch_size"] = global_b // world
+        return
+    if given["batch_size"] * world != global_b:
+        raise ValueError(f"--batch-size {given['batch_size']} x {world} processes = {given['batch_size'] * world} rows "
+                         f"per step, but the run used {global_b} ({saved['batch_size']} x {saved_world}); the global "
+                         f"batch cannot change when resuming")
+    saved["batch_size"] = given["batch_size"]
 
 
 def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
@@ -65,6 +100,9 @@ def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
         saved = load_train_args(ckpt).get("options", {})
         if saved.get("mode", mode) != mode:
             raise ValueError(f"{ckpt} is a {saved.get('mode')} run; resume it with `moonlet {saved.get('mode')}`")
+        _resume_batch_size(given, saved)
+        if int(saved.get("world_size", 1)) != _launch_world_size():  # a new process count: a new default layout
+            saved = {k: v for k, v in saved.items() if k not in ("dp_shard", "ep")}
         opts.update({k: v for k, v in saved.items() if k in defaults or k in ("out", "mode")})
         for k, v in given.items():
             if k in RESUME_OVERRIDABLE:
@@ -216,9 +254,12 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
     args = TrainArgs.from_dict(opts)
     torch.manual_seed(args.seed)
 
-    tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
+    with runtime.main_first():  # rank 0 trains/saves the tokenizer and writes the token caches first
+        tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
+        if mode != "sft":
+            token_streams(tokenizer, opts, run_dir, say)
     if ckpt is not None or init is not None:
-        model = load_model(ckpt or init)
+        model = runtime.load_model(ckpt or init, resume=ckpt is not None)
         _check_vocab(model, tokenizer, ckpt or init)
     else:
         model = CausalLM(build_config(opts, tokenizer)).init_weights(seed=args.seed)
@@ -249,12 +290,18 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
         say(f"data: {len(train_stream):,} train / {len(val_stream):,} val tokens; "
             f"{train_loader.num_rows(0) // (train_loader.global_batch * args.grad_accum)} steps per epoch "
             f"at {args.batch_size * args.grad_accum * runtime.world_size} x {args.seq_len} tokens per step")
+    if runtime.world_size > 1:
+        if val_loader.num_rows(0) < runtime.world_size:  # a rank without a validation row would stall the others
+            raise ValueError(f"the validation data gives {val_loader.num_rows(0)} rows of {args.seq_len + 1} tokens, "
+                             f"fewer than the {runtime.world_size} processes; use more validation data")
+        say(f"distributed: {runtime.describe()}, {args.batch_size} rows per process")
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {opts.get('model') or (ckpt or init)} ({n_params / 1e6:.2f}M parameters), optimizer {args.optimizer}, "
         f"lr {args.lr:g} ({args.schedule}), {args.steps} steps, run dir {run_dir}")
     info = {"options": {**opts, "data": _abs(opts["data"]), "val_data": _abs(opts["val_data"]),
-                        "init": str(init) if init else opts.get("init"), "out": str(run_dir)},
+                        "init": str(init) if init else opts.get("init"), "out": str(run_dir),
+                        "world_size": runtime.world_size},
             "moonlet_version": __version__, "command": sys.argv}
     extra_losses, forward_kwargs = training_stage(model, opts)
     trainer = Trainer(model, args, train_loader, val_loader, run_dir=run_dir, tokenizer=tokenizer, runtime=runtime,
@@ -273,4 +320,6 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
             say(f"(could not draw the loss curve: {e})")
     summary["run_dir"] = str(run_dir)
     summary["trainer"] = trainer
+    summary["is_main"] = runtime.is_main
+    runtime.close()
     return summary
