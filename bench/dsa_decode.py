@@ -10,6 +10,7 @@ cost; the selection depends on the values, its cost does not).
 
     python bench/dsa_decode.py                          # contexts 4k 8k 16k, batch 1, 1 thread
     python bench/dsa_decode.py --contexts 8192 16384 --batch 4 --threads 2
+    python bench/dsa_decode.py --clock cpu              # process CPU time (a busy shared machine)
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ def bench_config(topk: int, max_pos: int) -> ModelConfig:
 
 
 @torch.no_grad()
-def time_decode(model: CausalLM, cache, ctx: int, batch: int, steps: int, warmup: int) -> list[float]:
+def time_decode(model: CausalLM, cache, ctx: int, batch: int, steps: int, warmup: int,
+                clock=time.perf_counter) -> list[float]:
     """Seconds per decode step at `ctx` cached tokens (each step writes slot ctx, then is undone by the
     next one writing the same slot, so the context stays `ctx`)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, 1))
     pos = torch.full((batch, 1), ctx, dtype=torch.int64)
     out = []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         model(ids, positions=pos, cache=cache, last_only=True)
         if i >= warmup:
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return out
 
 
@@ -65,7 +67,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="cpu = process CPU time (robust to time-slicing on a shared machine; use with 1 thread)")
     a = ap.parse_args()
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     max_ctx = max(a.contexts)
@@ -79,7 +84,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"config: {n_params / 1e6:.1f}M params, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, "
           f"latent {cfg.kv_lora_rank}+{cfg.qk_rope_head_dim}, indexer {cfg.index_n_heads}x{cfg.index_head_dim}, "
-          f"top-{cfg.index_topk}; batch {a.batch}, fp32, {a.threads} thread(s), {a.steps} timed steps "
+          f"top-{cfg.index_topk}; batch {a.batch}, fp32, {a.threads} thread(s), {a.clock} clock, {a.steps} timed steps "
           f"(median), load avg {os.getloadavg()[0]:.1f}", flush=True)
     print()
     print("| context | dense MLA step (ms) | DSA step (ms) | speed-up | decode FLOPs/token dense -> DSA (MFLOP) | "
@@ -90,7 +95,7 @@ def main() -> None:
         res = {}
         for stage in ("dense", "sparse", "dense", "sparse"):  # interleaved: both see the same load drift
             set_dsa_stage(model, stage)
-            res.setdefault(stage, []).extend(time_decode(model, cache, ctx, a.batch, a.steps // 2, a.warmup))
+            res.setdefault(stage, []).extend(time_decode(model, cache, ctx, a.batch, a.steps // 2, a.warmup, clock))
         d, s = statistics.median(res["dense"]), statistics.median(res["sparse"])
         f_dsa = _decode_flops_dsa(cfg, ctx + 1)
         f_dense = _decode_flops_dense(dense_cfg, ctx + 1)
