@@ -25,16 +25,19 @@ from ..data.corpus import (BUNDLED, bundled_documents, read_chat_documents, read
 from ..data.loader import ChatLoader, PackedTextLoader, TokenStream
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..model import CausalLM
-from .checkpoint import list_checkpoints, load_train_args, resolve_checkpoint
+from ..model.sparse_attention import freeze_all_but_indexer, set_dsa_stage
+from .checkpoint import list_checkpoints, load_model, load_train_args, resolve_checkpoint
 from .runtime import Runtime
 from .trainer import TrainArgs, Trainer
 
 TRAIN_DEFAULTS: dict = dict(
     model="tiny", data=None, val_data=None, val_fraction=0.02, tokenizer=None, vocab_size=None, init=None,
-    resume=None, set=[], device="cpu", dp_shard=None, ep=1, activation_checkpointing=False, **asdict(TrainArgs()),
+    resume=None, set=[], device="cpu", dp_shard=None, ep=1, activation_checkpointing=False, dsa_stage=None,
+    **asdict(TrainArgs()),
 )
 SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
                           min_lr_ratio=0.0, val_fraction=0.05)
+DSA_TRAIN_STAGES = ("warmup", "sparse")
 RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
                       "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer",
                       "dp_shard", "ep", "activation_checkpointing"}
@@ -231,9 +234,66 @@ def training_stage(model: CausalLM, opts: dict) -> tuple[dict, dict]:
     """Stage-specific training setup: (extra_losses, forward_kwargs) for the Trainer, after freezing
     whatever the stage does not train (the optimizer only sees requires_grad parameters).
 
-    Plain pretraining/SFT: nothing. This is where DSA's stages plug in (the dense warm-up trains
-    only the lightning indexer with its KL loss; the sparse stage trains everything)."""
-    return {}, {}
+    Plain pretraining/SFT: nothing. A DSA model (model_type deepseek_v32) trains in one of DSA's
+    stages (V3.2 paper, section 2.1.1), "sparse" unless --dsa-stage says otherwise:
+    - "warmup": dense attention; only the lightning indexers train, on the KL to the main attention;
+    - "sparse": top-k attention; everything trains, the indexers on their KL (restricted to the
+      selected keys), the rest on the LM loss (the indexer reads detached inputs, so the two never mix).
+    """
+    stage = opts.get("dsa_stage")
+    if not model.config.is_dsa:
+        if stage is not None:
+            raise ValueError(f"--dsa-stage {stage} needs a DSA model; turn DSA on with --set model_type=deepseek_v32 "
+                             f"index_n_heads=H index_head_dim=D index_topk=K (with --init CKPT to start from a "
+                             f"dense checkpoint)")
+        return {}, {}
+    stage = stage or "sparse"
+    if stage not in DSA_TRAIN_STAGES:
+        raise ValueError(f"--dsa-stage must be one of {DSA_TRAIN_STAGES}, got {stage!r}")
+    set_dsa_stage(model, stage)
+    if stage == "warmup":
+        freeze_all_but_indexer(model)
+    return {"indexer": lambda out, batch: out.indexer_loss}, {}
+
+
+def warmup_overrides(opts: dict, say) -> dict:
+    """The dense warm-up leaves everything but the indexers untouched: no expert-bias updates and no
+    QK-clip (which rewrites the frozen attention weights); MuonClip becomes plain Muon."""
+    if opts.get("dsa_stage") != "warmup":
+        return opts
+    opts = dict(opts, bias_update_gamma=0.0)
+    if opts["optimizer"] == "muonclip":
+        opts["optimizer"] = "muon"
+    say(f"DSA warm-up: training only the lightning indexers (optimizer {opts['optimizer']}, "
+        f"no expert-bias update, no QK-clip)")
+    return opts
+
+
+def model_from_init(init: Path, changes: dict, seed: int, say) -> CausalLM:
+    """The --init checkpoint's model, with --set applied: fields that only add modules (DSA's
+    indexers via model_type deepseek_v32, ...) or change no shape may change; new tensors start
+    from the usual initialisation, every loaded one keeps its value."""
+    base = load_model(init)
+    if not changes:
+        return base
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"--set: unknown config field {unknown[0]!r}")
+    model = CausalLM(base.config.replace(**changes)).init_weights(seed=seed)
+    own, loaded = model.state_dict(), base.state_dict()
+    for k, v in loaded.items():
+        if k not in own:
+            raise ConfigError(f"--set {' '.join(f'{a}={b}' for a, b in changes.items())}: {init} has {k}, which the "
+                              f"changed model does not; only options that add modules can change with --init")
+        if own[k].shape != v.shape:
+            raise ConfigError(f"--set changes the shape of {k} ({tuple(v.shape)} -> {tuple(own[k].shape)}); "
+                              f"only options that add modules or keep shapes can change with --init")
+    missing = model.load_state_dict(loaded, strict=False).missing_keys
+    if missing:
+        say(f"--init {init}: {len(missing)} new tensors start from scratch "
+            f"({sum(own[k].numel() for k in missing):,} values, e.g. {missing[0]})")
+    return model
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -251,6 +311,7 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
         raise ValueError("moonlet sft needs --init CHECKPOINT_OR_RUN_DIR (the model to fine-tune)")
     init = resolve_checkpoint(opts["init"]) if opts["init"] is not None and ckpt is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
+    opts = warmup_overrides(opts, say)
     args = TrainArgs.from_dict(opts)
     torch.manual_seed(args.seed)
 
@@ -258,9 +319,12 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
         tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
         if mode != "sft":
             token_streams(tokenizer, opts, run_dir, say)
-    if ckpt is not None or init is not None:
-        model = runtime.load_model(ckpt or init, resume=ckpt is not None)
-        _check_vocab(model, tokenizer, ckpt or init)
+    if ckpt is not None:
+        model = runtime.load_model(ckpt, resume=True)
+        _check_vocab(model, tokenizer, ckpt)
+    elif init is not None:
+        model = model_from_init(init, parse_overrides(opts.get("set")), args.seed, say)
+        _check_vocab(model, tokenizer, init)
     else:
         model = CausalLM(build_config(opts, tokenizer)).init_weights(seed=args.seed)
     model = model.float().train()
