@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean browser-deps
 
 venv: $(STAMP)
 
@@ -20,6 +20,14 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m moonlet demo
+
+# the chat-page browser test (tests/test_serve_browser.py) uses Debian's chromium through Playwright;
+# best effort: without root/apt the test skips with a message. Never `playwright install` (system browser).
+browser-deps: $(STAMP)
+	-if [ ! -x /usr/bin/chromium ]; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; fi
+	$(PY) -m pip install -q playwright
 
 clean:
 	rm -rf $(VENV) runs

@@ -21,6 +21,9 @@ COMMANDS: dict[str, str] = {
     "demo": "demo",
     "info": "info",
     "plan": "plan",
+    "generate": "generate",
+    "chat": "chat",
+    "serve": "serve",
 }
 
 

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..model import CausalLM, LayerCache
+from . import fastpath
 from .cache import KVCache
 from .sampling import SamplingParams
 from .scheduler import Request, Scheduler, TokenEvent
@@ -38,9 +39,10 @@ class GenerationResult:
 
 class Engine:
     def __init__(self, model: CausalLM, tokenizer: Any = None, max_batch: int = 16, max_seq: int | None = None,
-                 speculative: int = 0):
+                 speculative: int = 0, fast: bool | None = None):
         """max_seq: context length per sequence (default: the config's max_position_embeddings, at
-        most 4096). speculative: MTP draft tokens per step (0 = off; needs an MTP module)."""
+        most 4096). speculative: MTP draft tokens per step (0 = off; needs an MTP module).
+        fast: use the inference fast path (default: whenever the config allows it)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.config
@@ -62,6 +64,9 @@ class Engine:
             if v is not None:
                 eos.add(int(v))
         self.eos_ids = frozenset(eos)
+        if fast is None:
+            fast = fastpath.supports(self.cfg)
+        self.fast = fastpath.FastForward(model) if fast else None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = None, **kw: Any) -> "Engine":
@@ -136,11 +141,17 @@ class Engine:
     def prefill(self, ids_1P: torch.Tensor, cache: list[LayerCache]) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh sequence's prompt into its (empty) cache row -> (last logits [1,1,V], hidden [1,P,D])."""
         P = ids_1P.shape[1]
+        if self.fast is not None:
+            logits, hidden = self.fast(ids_1P, torch.arange(P)[None], cache, last_only=True, fresh=True)
+            return logits.float(), hidden
         out = self.model(ids_1P, positions=torch.arange(P)[None], cache=cache, last_only=True)
         return out.logits.float(), out.hidden
 
     def decode(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
                last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at per-row positions (their cache slots) -> (logits [B,T or 1,V] float32, hidden [B,T,D])."""
+        if self.fast is not None:
+            logits, hidden = self.fast(ids_BT, positions_BT, cache, last_only=last_only)
+            return logits.float(), hidden
         out = self.model(ids_BT, positions=positions_BT, cache=cache, last_only=last_only)
         return out.logits.float(), out.hidden

@@ -179,6 +179,10 @@ class Scheduler:
                                        prompt_tokens=len(req.prompt_ids), completion_tokens=req.completion_tokens))
         return True
 
+    def get(self, request_id: Any) -> Request | None:
+        """The live state of a waiting or running request (token ids, text, acceptance counts)."""
+        return next((r for r in itertools.chain(self.waiting, self.running) if r.id == request_id), None)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._events)
 

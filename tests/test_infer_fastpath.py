@@ -1,0 +1,52 @@
+"""The inference fast path (folded absorption, one-mask decode attention, per-expert MoE loop) is
+the model's own forward: same logits on fresh prefills, ragged decode and multi-token verify steps."""
+
+import pytest
+import torch
+
+from moonlet.config import preset
+from moonlet.infer.cache import KVCache
+from moonlet.infer.fastpath import FastForward
+from moonlet.model import CausalLM
+
+
+@pytest.mark.parametrize("changes", [{}, {"kv_lora_rank": 256}, {"q_lora_rank": None},
+                                     {"rope_interleave": False, "n_shared_experts": None}],
+                         ids=["folded", "unfolded", "no_qlora", "half_rope_no_shared"])
+@pytest.mark.parametrize("form", ["absorbed", "naive"])
+def test_fast_path_equals_model_forward(changes, form):
+    m = CausalLM(preset("tiny").replace(**changes)).init_weights(seed=1, std=0.05).eval()
+    fast = FastForward(m)
+    fast.prefill_form = form
+    fast.loop_max_pairs = 8  # exercise both MoE dispatches
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, 4096, (1, n), generator=g) for n in (13, 6))
+    kv = KVCache(m.config, 2, 32, mtp=False)
+    with torch.no_grad():
+        la, _ = fast(a, torch.arange(13)[None], kv.view(0, 1), fresh=True)
+        lb, _ = fast(b, torch.arange(6)[None], kv.view(1, 2), fresh=True)
+        assert (la[0, -1] - m(a).logits[0, -1]).abs().max() <= 1e-4
+        assert (lb[0, -1] - m(b).logits[0, -1]).abs().max() <= 1e-4
+        # ragged decode: row 0 at position 13, row 1 at 6; then a 3-token step on both rows
+        nxt = torch.tensor([[7], [9]])
+        ld, _ = fast(nxt, torch.tensor([[13], [6]]), kv.view(0, 2))
+        assert (ld[0, -1] - m(torch.cat((a, nxt[:1]), 1)).logits[0, -1]).abs().max() <= 1e-4
+        assert (ld[1, -1] - m(torch.cat((b, nxt[1:]), 1)).logits[0, -1]).abs().max() <= 1e-4
+        three = torch.randint(0, 4096, (2, 3), generator=g)
+        lv, _ = fast(three, torch.tensor([[14, 15, 16], [7, 8, 9]]), kv.view(0, 2), last_only=False)
+        full_a = m(torch.cat((a, nxt[:1], three[:1]), 1)).logits[0, -3:]
+        full_b = m(torch.cat((b, nxt[1:], three[1:]), 1)).logits[0, -3:]
+        assert (lv[0] - full_a).abs().max() <= 1e-4 and (lv[1] - full_b).abs().max() <= 1e-4
+
+
+def test_levers_are_refused():
+    with pytest.raises(ValueError, match="plain MLA"):
+        FastForward(CausalLM(preset("tiny").replace(hc_mult=2)))
+
+
+def test_fold_rule():
+    from moonlet.infer.fastpath import _Attn
+
+    folded = _Attn(CausalLM(preset("tiny")).model.layers[0].self_attn)
+    unfolded = _Attn(CausalLM(preset("tiny").replace(kv_lora_rank=256)).model.layers[0].self_attn)
+    assert folded.fold_q and folded.fold_o and not unfolded.fold_q and not unfolded.fold_o
