@@ -210,8 +210,11 @@ def report(results: dict, doc: Path, plot: Path) -> None:
                  f"(of {results['val_tokens']:,})") + "; "
               f"{c['threads']} thread(s), load average {c['load_avg_start'][0]:.1f} at the start and "
               f"{c.get('load_avg_end', [float('nan')])[0]:.1f} at the end (shared machine), started {results['started']}.")
+    reading = _READING
+    if doc.exists() and "\n## Reading" in doc.read_text():  # keep a hand-written reading when regenerating
+        reading = "## Reading" + doc.read_text().split("\n## Reading", 1)[1]
     doc.write_text(_DOC.format(command=results["command"], header=header, table=table, plot=plot.name,
-                               reading=_READING))
+                               reading=reading.rstrip() + "\n"))
     print(table)
 
 
