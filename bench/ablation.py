@@ -210,8 +210,14 @@ def report(results: dict, doc: Path, plot: Path) -> None:
                  f"(of {results['val_tokens']:,})") + "; "
               f"{c['threads']} thread(s), load average {c['load_avg_start'][0]:.1f} at the start and "
               f"{c.get('load_avg_end', [float('nan')])[0]:.1f} at the end (shared machine), started {results['started']}.")
+    if "seed_runs" in results:
+        header += " Seeds run one after the other: " + "; ".join(
+            f"seed {k} started {v['started']}, {v['wall_s'] / 60:.0f} min wall" for k, v in results["seed_runs"].items()) + "."
+    reading = _READING
+    if doc.exists() and "\n## Reading" in doc.read_text():  # keep a hand-written reading when regenerating
+        reading = "## Reading" + doc.read_text().split("\n## Reading", 1)[1]
     doc.write_text(_DOC.format(command=results["command"], header=header, table=table, plot=plot.name,
-                               reading=_READING))
+                               reading=reading.rstrip() + "\n"))
     print(table)
 
 
@@ -260,7 +266,7 @@ Parameters, FLOPs and cache bytes come from `moonlet.accounting` (`moonlet info`
 "active" counts what one token touches; Engram's table rows are in the total, and a token reads only
 its hashed rows (heads x orders rows of 32 values), so they count as active only through those. FLOPs
 are model FLOPs (matmuls, 3x forward for training, MTP included); DSA's are at the causal mean
-context of the 256-token rows (mean attended keys 56.3 instead of 128.5, plus the indexer's own
+context of the 256-token rows (mean attended keys 56.1 instead of 128.5, plus the indexer's own
 scores over all 128.5). Cache bytes: MLA latent + DSA index keys + Engram decode state, all layers,
 bf16. tok/s is training throughput stepped in lockstep (same machine load for every variant).
 

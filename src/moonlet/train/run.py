@@ -256,6 +256,21 @@ def training_stage(model: CausalLM, opts: dict) -> tuple[dict, dict]:
     return {"indexer": lambda out, batch: out.indexer_loss}, {}
 
 
+def _check_dsa_stage(opts: dict, source: Path | None) -> None:
+    """--dsa-stage on a model that will not have DSA fails before any tokenizing or training."""
+    stage = opts.get("dsa_stage")
+    if stage is None:
+        return
+    if stage not in DSA_TRAIN_STAGES:
+        raise ValueError(f"--dsa-stage must be one of {DSA_TRAIN_STAGES}, got {stage!r}")
+    base = resolve_config(str(source) if source is not None else opts["model"]).model_type
+    model_type = parse_overrides(opts.get("set")).get("model_type", base)
+    if model_type != "deepseek_v32":
+        raise ValueError(f"--dsa-stage {stage} needs a DSA model; turn DSA on with --set model_type=deepseek_v32 "
+                         f"index_n_heads=H index_head_dim=D index_topk=K (with --init CKPT to start from a "
+                         f"dense checkpoint)")
+
+
 def warmup_overrides(opts: dict, say) -> dict:
     """The dense warm-up leaves everything but the indexers untouched: no expert-bias updates and no
     QK-clip (which rewrites the frozen attention weights); MuonClip becomes plain Muon."""
@@ -310,6 +325,7 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
     if mode == "sft" and opts["init"] is None and ckpt is None:
         raise ValueError("moonlet sft needs --init CHECKPOINT_OR_RUN_DIR (the model to fine-tune)")
     init = resolve_checkpoint(opts["init"]) if opts["init"] is not None and ckpt is None else None
+    _check_dsa_stage(opts, ckpt or init)
     run_dir.mkdir(parents=True, exist_ok=True)
     opts = warmup_overrides(opts, say)
     args = TrainArgs.from_dict(opts)
