@@ -56,6 +56,15 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     return X.mT if transposed else X
 
 
+def ns_dtype_for(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """"auto": bfloat16 on GPUs (as Muon's authors run it), float32 elsewhere -- on this project's
+    Zen 5 CPU a bf16 Newton-Schulz over the tiny preset's matrices took 4.3 s vs 0.32 s in fp32
+    (small bf16 GEMMs have no fast path here; docs/LOG.md 2026-12-02)."""
+    if ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return ns_dtype
+
+
 def muon_scale(shape: Sequence[int]) -> float:
     """0.2 * sqrt(max(A, B)) for a matrix (or a batch of matrices) of trailing shape [A, B]."""
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
@@ -78,7 +87,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, param_groups: list[dict], lr: float = 2e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = torch.bfloat16, betas: tuple[float, float] = (0.9, 0.95),
+                 ns_dtype: torch.dtype | str | None = "auto", betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_dtype=ns_dtype, betas=betas, eps=eps, use_muon=False)
@@ -115,7 +124,7 @@ class Muon(torch.optim.Optimizer):
             buf.mul_(mu).add_(g)
             g = g.add(buf, alpha=mu) if group["nesterov"] else buf
             update = self.orthogonalize(g, functools.partial(newton_schulz5, steps=group["ns_steps"],
-                                                             dtype=group["ns_dtype"]))
+                                                             dtype=ns_dtype_for(group["ns_dtype"], p.device)))
             p.mul_(1 - lr * wd)
             p.add_(update.to(p.dtype), alpha=-lr * muon_scale(p.shape))
 
@@ -172,7 +181,7 @@ def classify(model: nn.Module, use_muon: bool) -> dict[str, list[tuple[str, nn.P
 
 def build_optimizer(model: nn.Module, name: str = "muonclip", lr: float = 2e-3, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.95,
-                    ns_dtype: torch.dtype | None = torch.bfloat16) -> torch.optim.Optimizer:
+                    ns_dtype: torch.dtype | str | None = "auto") -> torch.optim.Optimizer:
     """AdamW ("adamw") or Muon + AdamW ("muon", "muonclip": the clip itself is `QKClip`).
 
     Every group carries `base_lr` (= lr) for the schedule and `kind` (muon|decay|no_decay)."""
