@@ -50,3 +50,20 @@ def test_fold_rule():
     folded = _Attn(CausalLM(preset("tiny")).model.layers[0].self_attn)
     unfolded = _Attn(CausalLM(preset("tiny").replace(kv_lora_rank=256)).model.layers[0].self_attn)
     assert folded.fold_q and folded.fold_o and not unfolded.fold_q and not unfolded.fold_o
+
+
+def test_fast_mtp_equals_mtp_module():
+    from moonlet.model.transformer import make_context
+
+    m = CausalLM(preset("tiny")).init_weights(seed=1, std=0.05).eval()
+    fast = FastForward(m)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(1, 7, m.config.hidden_size, generator=g)
+    nxt = torch.randint(0, 4096, (1, 7), generator=g)
+    kv = KVCache(m.config, 1, 16, mtp=True)
+    with torch.no_grad():
+        ctx = make_context(m.model.rotary, torch.arange(7)[None], h.dtype, with_cache=False, absorbed=False)
+        ref, _ = m.mtp[0](h, m.model.embed_tokens(nxt), ctx)
+        first = fast.mtp(h[:, :6], nxt[:, :6], torch.arange(6)[None], kv.view(0, 1), fresh=True)
+        step = fast.mtp(h[:, 6:], nxt[:, 6:], torch.tensor([[6]]), kv.view(0, 1))
+    assert (torch.cat((first, step), 1) - ref).abs().max() <= 1e-4

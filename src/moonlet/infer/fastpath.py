@@ -9,8 +9,8 @@ What it changes against `CausalLM.forward` (all exact up to float rounding; test
   with the mask built once per forward instead of per layer;
 - a fresh prefill (empty cache row) attends causally without a mask through the model's blocked
   CPU attention, in the form measured faster (absorbed / naive, `prefill_form`);
-- MoE at small token counts runs only the chosen experts, one plain matmul chain each on views of
-  the stacked weights (grouped_mm on CPU visits every expert); larger batches keep grouped_mm;
+- MoE up to 1024 (token, expert) pairs runs only the chosen experts, one plain matmul chain each on
+  views of the stacked weights (CPU grouped_mm visits every expert); beyond, grouped_mm;
 - gate and up projections of dense MLPs and shared experts fused into one matmul.
 Weights derived here are copies: call `refresh()` after changing the model's weights.
 """
@@ -87,8 +87,9 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
 
 
 class FastForward:
-    # below this many (token, expert) pairs the per-expert loop beats grouped_mm (docs/LOG.md)
-    loop_max_pairs = 64
+    # up to this many (token, expert) pairs the per-expert loop beats CPU grouped_mm, which visits
+    # every expert (small MoE layer: 2.0 vs 13 ms at 1 token, 64 vs 166 at 32, equal at 512; LOG)
+    loop_max_pairs = 1024
     prefill_form = "absorbed"
 
     def __init__(self, model: CausalLM):
@@ -101,9 +102,10 @@ class FastForward:
     @torch.no_grad()
     def refresh(self) -> None:
         m = self.model
-        self.attn = [_Attn(layer.self_attn) for layer in m.model.layers]
+        blocks = list(m.model.layers) + list(m.mtp)  # MTP depths are blocks too (speculative drafting)
+        self.attn = [_Attn(layer.self_attn) for layer in blocks]
         self.mlp = []
-        for layer in m.model.layers:
+        for layer in blocks:
             if isinstance(layer.mlp, MoE):
                 shared = None if layer.mlp.shared_experts is None else _fused_mlp(layer.mlp.shared_experts)
                 self.mlp.append(("moe", layer.mlp, shared))
@@ -187,36 +189,55 @@ class FastForward:
         return m.o_proj(o.reshape(B, T, -1))
 
     # ---- forward --------------------------------------------------------------------------------
-    def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
-                 last_only: bool = True, fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (logits [B, T or 1, V], final-normed hidden [B, T, D]). fresh: the rows' caches are empty
-        and positions are 0..T-1 (a prefill: causal attention without a mask)."""
-        m = self.model
-        B, T = ids_BT.shape
-        x = m.model.embed_tokens(ids_BT)
-        cos, sin = m.model.rotary(positions_BT, x.dtype)
-        rot = None
-        if self.cfg.rope_interleave:
-            rot = torch.complex(cos.float(), sin.float())  # [B,T,R/2], shared by every layer
+    def _context(self, positions_BT: torch.Tensor, dtype: torch.dtype, fresh: bool):
+        """What every layer of one forward shares: RoPE tables and the additive decode mask."""
+        cos, sin = self.model.model.rotary(positions_BT, dtype)
+        rot = torch.complex(cos.float(), sin.float()) if self.cfg.rope_interleave else None
+        B, T = positions_BT.shape
         mask_add, kv_len = None, T
         if not fresh:
             kv_len = int(positions_BT.max()) + 1
             visible = torch.arange(kv_len)[None, None, :] <= positions_BT[:, :, None]  # [B,T,L]
             H = self.cfg.num_attention_heads
-            mask_add = torch.zeros(B, T, H, kv_len, dtype=x.dtype).masked_fill_(~visible[:, :, None], float("-inf"))
+            mask_add = torch.zeros(B, T, H, kv_len, dtype=dtype).masked_fill_(~visible[:, :, None], float("-inf"))
             mask_add = mask_add.view(B, T * H, kv_len)
+        return cos, sin, rot, positions_BT, mask_add, kv_len
+
+    def _block(self, i: int, layer, x: torch.Tensor, ctx, latent_cache: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        cos, sin, rot, positions_BT, mask_add, kv_len = ctx
+        h = _norm(layer.input_layernorm, x)
+        x = x + self._attention(self.attn[i], h, cos, sin, rot, positions_BT, latent_cache, mask_add, kv_len)
+        h = _norm(layer.post_attention_layernorm, x)
+        kind, mod, w = self.mlp[i]
+        if kind == "dense":
+            return x + _swiglu(h, *w)
+        return x + self._moe(mod, w, h.view(B * T, -1)).view(B, T, -1)
+
+    def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
+                 last_only: bool = True, fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (logits [B, T or 1, V], final-normed hidden [B, T, D]). fresh: the rows' caches are empty
+        and positions are 0..T-1 (a prefill: causal attention without a mask)."""
+        m = self.model
+        x = m.model.embed_tokens(ids_BT)
+        ctx = self._context(positions_BT, x.dtype, fresh)
         for i, layer in enumerate(m.model.layers):
-            h = _norm(layer.input_layernorm, x)
-            x = x + self._attention(self.attn[i], h, cos, sin, rot, positions_BT, cache[i].latent, mask_add, kv_len)
-            h = _norm(layer.post_attention_layernorm, x)
-            kind, mod, w = self.mlp[i]
-            if kind == "dense":
-                x = x + _swiglu(h, *w)
-            else:
-                x = x + self._moe(mod, w, h.view(B * T, -1)).view(B, T, -1)
+            x = self._block(i, layer, x, ctx, cache[i].latent)
         hidden = _norm(m.model.norm, x)
         logits = m.lm_head(hidden[:, -1:] if last_only else hidden)
         return logits, hidden
+
+    def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
+            cache: list[LayerCache], fresh: bool = False) -> torch.Tensor:
+        """MTP depth 1 (as MTPModule.forward) over (h_i, Emb(t_{i+1})) at the given positions -> its
+        normed hidden [B,T,D]; cache: all layers' caches (the depth's is the one after the main layers)."""
+        m = self.model
+        L = self.cfg.num_hidden_layers
+        mod = m.mtp[0]
+        emb = m.model.embed_tokens(next_ids_BT)
+        x = mod.eh_proj(torch.cat((_norm(mod.enorm, emb), _norm(mod.hnorm, h_BTD)), dim=-1))
+        x = self._block(L, mod, x, self._context(positions_BT, x.dtype, fresh), cache[L].latent)
+        return _norm(mod.shared_head.norm, x)
 
 
 class _Ctx:

@@ -62,14 +62,22 @@ def verify(target_logits_TV: torch.Tensor, drafts: list[int], draft_probs: list[
 
 
 def _mtp_hidden(sched: "Scheduler", h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
-                rows: tuple[int, int]) -> torch.Tensor:
+                rows: tuple[int, int], fresh: bool = False) -> torch.Tensor:
     """MTP depth 1 over (h_i, Emb(t_{i+1})) at the given positions, writing its cache -> hidden [B,T,D]."""
-    model = sched.engine.model
+    engine = sched.engine
+    cache = sched.cache.view(*rows)
+    if engine.fast is not None:
+        return engine.fast.mtp(h_BTD, next_ids_BT, positions_BT, cache, fresh=fresh)
+    model = engine.model
     L = model.config.num_hidden_layers
     ctx = make_context(model.model.rotary, positions_BT, h_BTD.dtype, with_cache=True, absorbed=True)
-    cache = sched.cache.view(*rows)[L]
-    h, _ = model.mtp[0](h_BTD, model.model.embed_tokens(next_ids_BT), ctx, cache)
+    h, _ = model.mtp[0](h_BTD, model.model.embed_tokens(next_ids_BT), ctx, cache[L])
     return h
+
+
+def _plain_greedy(reqs: list["Request"]) -> bool:
+    """Every request greedy without penalties: argmax over the whole batch at once."""
+    return all(r.params.greedy and not r.params.penalized for r in reqs)
 
 
 def _draft(sched: "Scheduler", reqs: list["Request"], h_B1D: torch.Tensor, pos_B: torch.Tensor,
@@ -77,16 +85,23 @@ def _draft(sched: "Scheduler", reqs: list["Request"], h_B1D: torch.Tensor, pos_B
     """Draft k tokens per request from MTP hidden states h (at position pos, predicting pos + 2),
     chaining the module for k > 1; store them (and their sampling distributions) on the requests."""
     model, k = sched.engine.model, sched.engine.speculative
+    greedy = _plain_greedy(reqs)
     for r in reqs:
         r.draft, r.draft_probs = [], []
     for j in range(k):
         logits = model.lm_head(h_B1D[:, 0]).float()
-        toks = []
-        for i, r in enumerate(reqs):
-            t, q = sample_token(logits[i], r.sampler, r.draft)
-            r.draft.append(t)
-            r.draft_probs.append(q)
-            toks.append(t)
+        if greedy:
+            toks = logits.argmax(-1).tolist()
+            for r, t in zip(reqs, toks):
+                r.draft.append(t)
+                r.draft_probs.append(None)
+        else:
+            toks = []
+            for i, r in enumerate(reqs):
+                t, q = sample_token(logits[i], r.sampler, r.draft)
+                r.draft.append(t)
+                r.draft_probs.append(q)
+                toks.append(t)
         if j + 1 < k:
             pos_B = pos_B + 1
             h_B1D = _mtp_hidden(sched, h_B1D, torch.tensor(toks)[:, None], pos_B[:, None], rows)
@@ -101,7 +116,7 @@ def after_prefill(sched: "Scheduler", req: "Request", row: int, logits_V: torch.
         return [ev]
     P = hidden_1PD.shape[1]
     nxt = torch.tensor([req.prompt_ids[1:] + [tok]])
-    h = _mtp_hidden(sched, hidden_1PD, nxt, torch.arange(P)[None], (row, row + 1))
+    h = _mtp_hidden(sched, hidden_1PD, nxt, torch.arange(P)[None], (row, row + 1), fresh=True)
     _draft(sched, [req], h[:, -1:], torch.tensor([P - 1]), (row, row + 1))
     return [ev]
 
@@ -115,8 +130,15 @@ def speculative_step(sched: "Scheduler", reqs: list["Request"]) -> list["TokenEv
     pos = L0[:, None] + torch.arange(k + 1)[None]
     logits, hidden = engine.decode(x, pos, cache.view(0, n), last_only=False)
     events, accepted, last = [], [], []
+    target = logits.argmax(-1).tolist() if _plain_greedy(reqs) else None  # [n][k+1]
     for i, r in enumerate(reqs):
-        toks, a = verify(logits[i], r.draft, r.draft_probs, r.sampler)
+        if target is not None:
+            a = 0
+            while a < k and r.draft[a] == target[i][a]:
+                a += 1
+            toks = r.draft[:a] + [target[i][a]]
+        else:
+            toks, a = verify(logits[i], r.draft, r.draft_probs, r.sampler)
         r.spec_proposed += k
         r.spec_accepted += a
         accepted.append(a)
