@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
 
 demo: $(STAMP)

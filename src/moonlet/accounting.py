@@ -14,6 +14,11 @@ Conventions (each function's docstring repeats the ones it uses):
   which ends are dropped.
 - FLOPs count matrix multiplies only (2 per multiply-add), including attention's QK^T and PV with a
   causal mask; norms, activations, RoPE, softmax and the embedding lookup are not counted.
+- The levers (DSA, mHC, Engram) add their own terms from the pure functions next to their modules
+  (`model/sparse_attention.py`, `model/hyper.py`, `model/engram.py`): DSA's indexers are active
+  parameters, its attention attends min(index_topk, context) keys and its index keys sit in the
+  cache; mHC's mappings are active; Engram's tables count in the total only (a token reads
+  heads x orders rows of them), its projections, norms and conv are active.
 """
 
 from __future__ import annotations
@@ -107,6 +112,30 @@ def n_moe_layers(cfg: ModelConfig) -> int:
     return sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
 
 
+def lever_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters the levers add (0 when off). Keys: dsa_indexers, dsa_indexers_mtp, mhc, mhc_mtp,
+    engram_tables, engram_dense, engram_values_read_per_token (table elements one token gathers)."""
+    out = dict.fromkeys(("dsa_indexers", "dsa_indexers_mtp", "mhc", "mhc_mtp", "engram_tables", "engram_dense",
+                         "engram_values_read_per_token"), 0)
+    if cfg.is_dsa:
+        from .model.sparse_attention import dsa_extra_params
+
+        d = dsa_extra_params(cfg)
+        out.update(dsa_indexers=d["main"], dsa_indexers_mtp=d["mtp"])
+    if cfg.hc_mult is not None:
+        from .model.hyper import mhc_extra_params
+
+        m = mhc_extra_params(cfg)
+        out.update(mhc=m["main"], mhc_mtp=m["mtp"])
+    if cfg.engram_layers is not None:
+        from .model.engram import engram_params
+
+        e = engram_params(cfg)
+        out.update(engram_tables=e["tables"], engram_dense=e["dense"],
+                   engram_values_read_per_token=e["rows_read_per_token"])
+    return out
+
+
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts (elements) of the model a config describes, nothing allocated.
 
@@ -125,6 +154,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
                                   embed_tokens and shared_head.head
       embedding, lm_head, per_layer_attention, dense_layer, moe_layer, moe_layer_active, expert,
       n_dense_layers, n_moe_layers
+      + the `lever_params` keys: DSA indexers and mHC mappings count in total and active (MTP
+      depths' copies in mtp / mtp_active); Engram tables in total only, its dense part in both
     """
     lp = layer_params(cfg)
     D, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
@@ -142,10 +173,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     mtp_block_total = moe_total if cfg.is_moe else dense_layer
     mtp_block_active = moe_active if cfg.is_moe else dense_layer
     k = cfg.num_nextn_predict_layers
-    mtp = k * (mtp_block_total + _mtp_extra(cfg))
-    mtp_active = k * (mtp_block_active + _mtp_extra(cfg))
-    total = emb + head + body_total
-    active = emb + head + body_active
+    lev = lever_params(cfg)
+    mtp = k * (mtp_block_total + _mtp_extra(cfg)) + lev["dsa_indexers_mtp"] + lev["mhc_mtp"]
+    mtp_active = k * (mtp_block_active + _mtp_extra(cfg)) + lev["dsa_indexers_mtp"] + lev["mhc_mtp"]
+    lever_dense = lev["dsa_indexers"] + lev["mhc"] + lev["engram_dense"]
+    total = emb + head + body_total + lever_dense + lev["engram_tables"]
+    active = emb + head + body_active + lever_dense
     # a tied head shares the embedding's tensor; "excl. embedding" then still keeps the head's matrix
     emb_excl = 0 if cfg.tie_word_embeddings else emb
     return {
@@ -169,6 +202,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         "expert": lp.expert,
         "n_dense_layers": n_dense,
         "n_moe_layers": n_moe,
+        **lev,
     }
 
 
@@ -182,12 +216,15 @@ def expert_param_count(cfg: ModelConfig, include_mtp: bool = False) -> int:
 
 # ---- KV cache ------------------------------------------------------------------------------------
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: float | str = 2, form: str = "latent",
-                             include_mtp: bool = False) -> float:
+                             include_mtp: bool = False, breakdown: bool = False) -> float | dict[str, float]:
     """Bytes one token adds to the inference cache, over all main layers (MTP depths only if asked).
 
     latent: what MLA's absorbed form caches: RMSNorm(c_kv) [kv_lora_rank] + roped k_pe [rope_dim] per
             layer, shared by all heads (DeepSeek-V3 in BF16: 61 x 576 x 2 = 70,272 B).
     naive:  per-head K [H, nope + rope] and V [H, v_head_dim] per layer, as a plain MHA cache holds them.
+    Plus what the levers keep per token (either form): DSA's index key [index_head_dim] per layer, in
+    the cache dtype; Engram's decode state per Engram layer (an int64 id, the row e_t and the gates).
+    breakdown=True: {"attention", "dsa_index_keys", "engram_state", "total"}.
     """
     b = _bytes_of(dtype_bytes)
     if form == "latent":
@@ -197,8 +234,19 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: float | str = 2, for
     else:
         raise ValueError(f"form must be 'latent' or 'naive', got {form!r}")
     layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
-    n = layers * per_layer * b
-    return int(n) if float(n).is_integer() else n
+    parts = {"attention": layers * per_layer * b, "dsa_index_keys": 0, "engram_state": 0}
+    if cfg.is_dsa:
+        from .model.sparse_attention import dsa_index_cache_bytes_per_token
+
+        parts["dsa_index_keys"] = dsa_index_cache_bytes_per_token(cfg, b, include_mtp)
+    if cfg.engram_layers is not None:
+        from .model.engram import engram_cache_bytes_per_token
+
+        parts["engram_state"] = engram_cache_bytes_per_token(cfg, b)
+    parts = {k: int(v) if float(v).is_integer() else v for k, v in parts.items()}
+    n = sum(parts.values())
+    n = int(n) if float(n).is_integer() else n
+    return {**parts, "total": n} if breakdown else n
 
 
 # ---- FLOPs ---------------------------------------------------------------------------------------
@@ -225,6 +273,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool, *, include_m
     (W_UK), scores and values run over the (kv_lora_rank + rope)-dim latent, then W_UV; kv_b_proj is
     never applied to cached tokens.
 
+    Levers: with DSA a query attends min(index_topk, i + 1) keys (mean `dsa_mean_attended_keys`), and
+    the indexer adds its projections and its scores over every visible key (`dsa_indexer`, at the
+    causal mean context); in training the indexer's KL target (MLA's scores over every visible key,
+    absorbed form, forward only) adds `dsa_kl_target` once (not 3x). mHC adds its coefficient
+    projections and stream mixing (`mhc`), Engram its value/key projections (`engram`; the table
+    lookup is a gather, not FLOPs). These are model FLOPs: moonlet's training forward computes DSA's
+    attention as dense attention under the top-k mask, so its own work does not shrink at train time.
+
     DeepSeek-V3 at 4K: 6 x 36.6B + 3 x 61 x 2 x 128 x 320 x 2048.5 = 250.5 GFLOPs training, matching
     the published 250 GFLOPs/token (ISCA '25 Table 2).
     """
@@ -238,13 +294,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool, *, include_m
     n_dense = L - n_moe
     C, dn, dv, R = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.qk_rope_head_dim
     ctx = mean_causal_context(seq_len)
+    attended = ctx
+    if cfg.is_dsa:
+        from .model.sparse_attention import dsa_indexer_flops_per_token, dsa_mean_attended_keys
+
+        attended = dsa_mean_attended_keys(cfg, seq_len)
 
     attn_proj = lp.attention_matmul
     if form == "naive":
-        attn_quadratic = 2 * H * (cfg.qk_head_dim + dv) * ctx
+        attn_quadratic = 2 * H * (cfg.qk_head_dim + dv) * attended
     else:  # absorbed: no kv_b expansion; W_UK on q, W_UV on the output, attention over the latent
         attn_proj = attn_proj - C * H * (dn + dv) + H * dn * C + H * C * dv
-        attn_quadratic = 2 * H * ((C + R) + C) * ctx
+        attn_quadratic = 2 * H * ((C + R) + C) * attended
     ffn_dense = lp.dense_mlp
     ffn_moe = (lp.router + cfg.num_experts_per_tok * lp.expert + lp.shared) if cfg.is_moe else 0
     head = D * cfg.vocab_size
@@ -255,14 +316,35 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool, *, include_m
         "dense_mlp": 2 * n_dense * ffn_dense,
         "moe": 2 * n_moe * ffn_moe,
         "lm_head": 2 * head,
+        "dsa_indexer": 0.0,
+        "mhc": 0.0,
+        "engram": 0.0,
         "mtp": 0.0,
+        "dsa_kl_target": 0.0,
     }
+    indexer = mhc_sub = 0.0
+    if cfg.is_dsa:
+        indexer = dsa_indexer_flops_per_token(cfg, ctx)
+        parts["dsa_indexer"] = L * indexer
+    if cfg.hc_mult is not None:
+        from .model.hyper import mhc_flops_per_token
+
+        m = mhc_flops_per_token(cfg)
+        mhc_sub = m["per_sublayer"]
+        parts["mhc"] = m["main"]
+    if cfg.engram_layers is not None:
+        from .model.engram import engram_flops_per_token
+
+        parts["engram"] = engram_flops_per_token(cfg)
     if include_mtp and cfg.num_nextn_predict_layers:
         ffn = ffn_moe if cfg.is_moe else ffn_dense
-        per_depth = 2 * (attn_proj + ffn + 2 * D * D + head) + attn_quadratic
+        per_depth = 2 * (attn_proj + ffn + 2 * D * D + head) + attn_quadratic + indexer + 2 * mhc_sub
         parts["mtp"] = cfg.num_nextn_predict_layers * per_depth
     mult = 3 if training else 1
     parts = {k: float(v * mult) for k, v in parts.items()}
+    if training and cfg.is_dsa:  # the KL target: q_nope -> latent, then scores over every visible key
+        layers = L + (cfg.num_nextn_predict_layers if include_mtp else 0)
+        parts["dsa_kl_target"] = float(layers * (2 * H * dn * C + 2 * H * (C + R) * ctx))
     total = sum(parts.values())
     if breakdown:
         return {**parts, "total": total}

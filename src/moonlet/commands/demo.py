@@ -2,9 +2,11 @@
 
 1. train a byte-level BPE on Shakespeare            (moonlet tokenizer train)
 2. pretrain the `tiny` preset on it                  (moonlet train --preset tiny)
-3. evaluate: validation loss vs the unigram baseline, and a few generations
-4. fine-tune on synthetic arithmetic / word problems (moonlet sft), graded on held-out problems
-Everything lands in --out (default runs/demo): tokenizer/, pretrain/, sft/, summary.json.
+3. evaluate: validation loss vs the unigram baseline, perplexity and bits/byte on unseen plays
+   (moonlet.eval), a few generations through the inference engine (moonlet.infer)
+4. fine-tune on synthetic arithmetic / word problems (moonlet sft), graded on held-out problems by
+   the eval harness (exact answers), before and after
+Everything lands in --out (default runs/demo): tokenizer/, pretrain/, sft/, eval/, summary.json.
 """
 
 from __future__ import annotations
@@ -43,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.loader import PackedTextLoader
     from ..data.tasks import TASKS, generate as gen_problems, write_chat_jsonl
     from ..data.tokenizer import train_tokenizer
-    from ..train.checkpoint import load_model
-    from ..train.quick_eval import (answer, arithmetic_accuracy, generate, unigram_cross_entropy, unigram_entropy,
-                                    validation_loss)
+    from ..eval import evaluate, validation_perplexity
+    from ..infer.engine import Engine, SamplingParams
+    from ..train.quick_eval import unigram_cross_entropy, unigram_entropy, validation_loss
     from ..train.run import run_training, token_streams
 
     out = Path(args.out)
@@ -99,15 +101,26 @@ def run(args: argparse.Namespace) -> int:
           f"-> the model is {uni_ce - val:.2f} nats/token below it")
     print(f"pretraining: {pre['tokens']:,} tokens in {timings['pretrain_s']:.0f}s wall, {pre['tokens_per_s']:,.0f} tok/s "
           f"while training")
-    _section("generations (temperature 0.8, top-k 40)")
+    val_txt = out / "val.txt"
+    val_text = "\n\n".join(bundled_documents("val"))
+    val_txt.write_text(val_text if not q else val_text[:20_000], encoding="utf-8")
+    ppl = validation_perplexity(model=model, tokenizer=tok, text_file=val_txt, window=256, stride=128,
+                                out=out / "eval" / "ppl")
+    print(f"eval harness (sliding window 256, stride 128): perplexity {ppl['perplexity']:.1f}, "
+          f"{ppl['bits_per_byte']:.3f} bits/byte over {ppl['n_tokens']:,} tokens")
+    _section("generations through the inference engine (temperature 0.8, top-k 40, latent KV cache)")
+    engine = Engine(model, tokenizer=tok)
+    t = time.perf_counter()
+    results = engine.generate(list(SHAKESPEARE_PROMPTS),
+                              [SamplingParams(max_new_tokens=80 if not q else 10, temperature=0.8, top_k=40,
+                                              seed=seed + i) for i in range(len(SHAKESPEARE_PROMPTS))])
+    gen_s = time.perf_counter() - t
     gens = []
-    for i, prompt in enumerate(SHAKESPEARE_PROMPTS):
-        ids = tok.encode(prompt, add_bos=True)
-        new = generate(model, [ids], max_new_tokens=80 if not q else 10, temperature=0.8, top_k=40,
-                       stop_ids=[tok.eos_id], seed=seed + i)[0]
-        text = prompt + tok.decode(new)
-        gens.append(text)
-        print(f"--- prompt {prompt!r}\n{text}\n")
+    for prompt, res in zip(SHAKESPEARE_PROMPTS, results):
+        gens.append(prompt + res.text)
+        print(f"--- prompt {prompt!r}\n{prompt + res.text}\n")
+    n_new = sum(r.completion_tokens for r in results)
+    print(f"({n_new} tokens for {len(results)} prompts in one batch, {n_new / gen_s:.0f} tok/s)")
 
     # 4. SFT on synthetic tasks ----------------------------------------------------------------------------------
     _section(f"4. SFT on synthetic arithmetic and word problems ({sft_steps} steps)")
@@ -116,12 +129,16 @@ def run(args: argparse.Namespace) -> int:
     seen = {p.prompt for p in train_problems}
     test_problems = gen_problems(200 if not q else 20, seed=seed + 1000, tasks=TASKS, levels=levels, exclude=seen)
     write_chat_jsonl(train_problems, out / "sft_train.jsonl")
-    write_chat_jsonl(test_problems, out / "sft_test.jsonl")
+    test_file = out / "arith_test.jsonl"
+    test_file.write_text("".join(json.dumps({"problem": p.prompt, "answer": p.answer, "subject": p.task,
+                                             "level": p.level}) + "\n" for p in test_problems))
     print(f"{len(train_problems)} training problems (levels {levels}, tasks {', '.join(TASKS)}), e.g.\n"
           f"  user: {train_problems[7].prompt}\n  assistant: {train_problems[7].solution}\n"
-          f"{len(test_problems)} held-out test problems (prompts not in the training set)")
-    before = arithmetic_accuracy(model, tok, test_problems[: 40 if not q else 5])
-    print(f"accuracy before SFT (first {before['n']} test problems): {100 * before['accuracy']:.1f}%")
+          f"{len(test_problems)} held-out test problems (prompts not in the training set), graded by moonlet.eval")
+    before = evaluate(task="arith", model=model, tokenizer=tok, data=test_file, limit=40 if not q else 5,
+                      progress=False)
+    print(f"accuracy before SFT (first {before['metrics']['n_items']} test problems): "
+          f"{100 * before['metrics']['accuracy']:.1f}%")
     t = time.perf_counter()
     sft_opts = dict(init=str(out / "pretrain"), data=[str(out / "sft_train.jsonl")], out=str(out / "sft"),
                     steps=sft_steps, batch_size=16, seq_len=128, lr=3e-3, warmup_steps=min(20, sft_steps // 5),
@@ -131,25 +148,34 @@ def run(args: argparse.Namespace) -> int:
     timings["sft_s"] = time.perf_counter() - t
     sft_model = sft["trainer"].raw_model.eval()
     t = time.perf_counter()
-    after = arithmetic_accuracy(sft_model, tok, test_problems)
+    # the saved checkpoint, as a user would evaluate it: engine backend, per-item JSONL + report card
+    after = evaluate(sft["checkpoint"], "arith", data=test_file, out=out / "eval" / "arith", progress=False,
+                     overwrite=True)
     timings["eval_s"] = time.perf_counter() - t
-    print(f"accuracy after SFT on {after['n']} held-out problems: {100 * after['accuracy']:.1f}%")
-    print("  by level: " + ", ".join(f"level {k}: {100 * v:.0f}%" for k, v in after["by_level"].items()))
-    print("  by task:  " + ", ".join(f"{k}: {100 * v:.0f}%" for k, v in after["by_task"].items()))
-    for prompt, reply, ans, ok in after["examples"][:6]:
-        print(f"  {'OK ' if ok else 'BAD'} {prompt!r} -> {reply!r} (answer {ans})")
+    print(f"accuracy after SFT on {after['metrics']['n_items']} held-out problems: {100 * after['metrics']['accuracy']:.1f}% "
+          f"(report card: {out / 'eval' / 'arith' / 'report.md'})")
+    for name in ("by_level", "by_subject"):
+        if after["metrics"].get(name):
+            print(f"  {name.replace('_', ' ')}: " + ", ".join(f"{k}: {100 * v['accuracy']:.0f}%"
+                                                          for k, v in after["metrics"][name].items()))
     val_after = validation_loss(sft_model, val_loader, None if not q else 2)
     print(f"Shakespeare validation loss after SFT: {val_after:.3f} (before {val:.3f})")
-    chat = answer(sft_model, tok, ["What is 3 + 4?", "Tom has 5 apples. He buys 2 more. How many apples does Tom have now?"])
-    print(f"chat: {chat}")
+    chat_engine = Engine(sft_model, tokenizer=tok)
+    questions = ["What is 3 + 4?", "Tom has 5 apples. He buys 2 more. How many apples does Tom have now?"]
+    replies = chat_engine.generate([tok.apply_chat_template([{"role": "user", "content": q_}]) for q_ in questions],
+                                   SamplingParams(max_new_tokens=48))
+    chat = list(zip(questions, [r.text for r in replies]))
+    for q_, r in chat:
+        print(f"chat: user {q_!r} -> assistant {r!r}")
 
     # summary -------------------------------------------------------------------------------------------------
     timings["total_s"] = time.perf_counter() - t_start
     summary = {
         "val_loss": val, "val_ppl": math.exp(val), "unigram_entropy": uni_h, "unigram_val_ce": uni_ce,
         "pretrain_tokens": pre["tokens"], "pretrain_tokens_per_s": pre["tokens_per_s"], "pretrain_steps": pre["step"],
-        "sft_accuracy": after["accuracy"], "sft_accuracy_by_level": after["by_level"],
-        "sft_accuracy_by_task": after["by_task"], "accuracy_before_sft": before["accuracy"],
+        "eval_perplexity": ppl["perplexity"], "eval_bits_per_byte": ppl["bits_per_byte"],
+        "sft_accuracy": after["metrics"]["accuracy"], "accuracy_before_sft": before["metrics"]["accuracy"],
+        "generation_tokens_per_s": n_new / gen_s,
         "val_loss_after_sft": val_after, "generations": gens, "timings": timings,
         "pretrain_checkpoint": pre["checkpoint"], "sft_checkpoint": sft["checkpoint"],
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
@@ -157,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _section("summary")
     print(f"validation loss {val:.3f} nats/token (unigram entropy {uni_h:.3f}, unigram model on val {uni_ce:.3f}); "
-          f"arithmetic accuracy {100 * before['accuracy']:.0f}% -> {100 * after['accuracy']:.0f}% after SFT")
+          f"arithmetic accuracy {100 * before['metrics']['accuracy']:.0f}% -> "
+          f"{100 * after['metrics']['accuracy']:.0f}% after SFT")
     print("time: " + ", ".join(f"{k[:-2]} {v:.0f}s" for k, v in timings.items()))
     print(f"checkpoints: {pre['checkpoint']} (pretrained), {sft['checkpoint']} (SFT); curves: "
           f"{out / 'pretrain' / 'loss.png'}, {out / 'sft' / 'loss.png'}; summary: {out / 'summary.json'}")

@@ -50,11 +50,43 @@ def info_dict(cfg: ModelConfig, seq_len: int = 4096) -> dict:
             "training_with_mtp": acc.flops_per_token(cfg, seq_len, training=True, include_mtp=True),
             "decode_absorbed": acc.flops_per_token(cfg, seq_len, training=False, form="absorbed"),
         },
+        "cache_bytes_per_token_bf16": acc.kv_cache_bytes_per_token(cfg, 2, "latent", breakdown=True),
+        "flops_per_token_training_breakdown": acc.flops_per_token(cfg, seq_len, training=True, breakdown=True),
+        "levers": _levers(cfg, pc, seq_len),
         "weight_bytes": {dt: acc.weight_bytes(cfg, dt) for dt in WEIGHT_DTYPES},
         "softmax_scale": acc.softmax_scale(cfg),
         "yarn_ramp": list(ramp) if ramp is not None else None,
         "shapes": _shapes(cfg),
     }
+
+
+def _levers(cfg: ModelConfig, pc: dict, seq_len: int) -> dict:
+    """DSA / mHC / Engram: what each adds (None when off)."""
+    out: dict = {"dsa": None, "mhc": None, "engram": None}
+    fl = acc.flops_per_token(cfg, seq_len, training=False, breakdown=True)
+    cache = acc.kv_cache_bytes_per_token(cfg, 2, "latent", breakdown=True)
+    if cfg.is_dsa:
+        from ..model.sparse_attention import dsa_mean_attended_keys
+
+        out["dsa"] = {"index_n_heads": cfg.index_n_heads, "index_head_dim": cfg.index_head_dim,
+                      "index_topk": cfg.index_topk, "indexer_params": pc["dsa_indexers"],
+                      "indexer_params_mtp": pc["dsa_indexers_mtp"], "indexer_flops_forward": fl["dsa_indexer"],
+                      "mean_attended_keys": dsa_mean_attended_keys(cfg, seq_len),
+                      "dense_mean_attended_keys": acc.mean_causal_context(seq_len),
+                      "index_key_cache_bytes_bf16": cache["dsa_index_keys"]}
+    if cfg.hc_mult is not None:
+        out["mhc"] = {"hc_mult": cfg.hc_mult, "params": pc["mhc"], "params_mtp": pc["mhc_mtp"],
+                      "flops_forward": fl["mhc"], "residual_values_per_token": cfg.hc_mult * cfg.hidden_size}
+    if cfg.engram_layers is not None:
+        t = pc["engram_tables"]
+        out["engram"] = {"layers": list(cfg.engram_layers), "table_params": t, "dense_params": pc["engram_dense"],
+                         "table_bytes": {dt: t * acc.dtype_bytes(dt) for dt in ("fp32", "bf16")},
+                         "values_read_per_token": pc["engram_values_read_per_token"],
+                         "flops_forward": fl["engram"], "decode_state_bytes_bf16": cache["engram_state"],
+                         "placement": "the tables are lookup-only: they count in total, not active, and may live "
+                                      "in host memory (moonlet.model.engram.place_tables(model, 'cpu')); each "
+                                      "token gathers its rows before the first block"}
+    return out
 
 
 def _shapes(cfg: ModelConfig) -> dict:
@@ -78,6 +110,13 @@ def _n(x: float) -> str:
         if abs(x) >= div:
             return f"{x / div:.2f}{unit}"
     return f"{x:g}"
+
+
+def _flops(x: float) -> str:
+    for unit, div in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.3f} {unit}"
+    return f"{x:g} FLOP"
 
 
 def _bytes(x: float) -> str:
@@ -114,18 +153,49 @@ def format_table(name: str, d: dict) -> str:
     if pc["mtp"]:
         rows.append(("MTP depths (own tensors)", f"{pc['mtp']:,} ({_n(pc['mtp'])}); total with MTP "
                      f"{_n(pc['total_with_mtp'])}"))
+    lev = d["levers"]
+    if any(lev.values()):
+        sec("levers (included in the totals above and below)")
+    if lev["dsa"]:
+        x = lev["dsa"]
+        rows.append(("DSA indexers", f"{x['index_n_heads']} heads x {x['index_head_dim']}, top-{x['index_topk']}: "
+                     f"{x['indexer_params']:,} params ({_n(x['indexer_params'])}, active)"))
+        rows.append(("DSA keys attended (mean)", f"{x['mean_attended_keys']:.1f} of {x['dense_mean_attended_keys']:.1f} "
+                     f"at seq len {d['seq_len']}; indexer {_flops(x['indexer_flops_forward'])}/token fwd"))
+        rows.append(("DSA index keys", f"{x['index_key_cache_bytes_bf16']:,} B/token (bf16, all layers)"))
+    if lev["mhc"]:
+        x = lev["mhc"]
+        rows.append(("mHC", f"{x['hc_mult']} residual streams: {x['params']:,} params ({_n(x['params'])}), "
+                     f"{_flops(x['flops_forward'])}/token fwd, {x['residual_values_per_token']:,} residual "
+                     f"values per token"))
+    if lev["engram"]:
+        x = lev["engram"]
+        rows.append(("Engram tables", f"{x['table_params']:,} params ({_n(x['table_params'])}; bf16 "
+                     f"{_bytes(x['table_bytes']['bf16'])}) at layers {x['layers']}: total only, not active; "
+                     f"host-memory capable (place_tables)"))
+        rows.append(("Engram per token", f"reads {x['values_read_per_token']:,} table values; dense part "
+                     f"{x['dense_params']:,} params, {_flops(x['flops_forward'])} fwd; decode state "
+                     f"{x['decode_state_bytes_bf16']:,} B (bf16)"))
     sec("KV cache per token (all layers)")
     for form, label in (("latent", "latent (MLA absorbed)"), ("naive", "naive per-head K/V")):
         by = d["kv_cache_bytes_per_token_by_dtype"][form]
         rows.append((label, ", ".join(f"{dt} {by[dt]:,} B" for dt in KV_DTYPES)))
     lat, nai = (d["kv_cache_bytes_per_token_by_dtype"][f]["bf16"] for f in ("latent", "naive"))
     rows.append(("naive / latent", f"{nai / lat:.1f}x"))
+    cb = d["cache_bytes_per_token_bf16"]
+    if cb["dsa_index_keys"] or cb["engram_state"]:
+        rows.append(("of which (bf16, latent)", f"MLA latent {cb['attention']:,} B + DSA index keys "
+                     f"{cb['dsa_index_keys']:,} B + Engram state {cb['engram_state']:,} B"))
     sec(f"FLOPs per token at seq len {d['seq_len']} (matmuls, causal)")
     f = d["flops_per_token"]
     rows.append(("forward", f"{f['forward'] / 1e9:.3f} GFLOP"))
     rows.append(("training (3x forward, no MTP)", f"{f['training'] / 1e9:.3f} GFLOP"))
     rows.append(("training incl. MTP", f"{f['training_with_mtp'] / 1e9:.3f} GFLOP"))
     rows.append(("forward, absorbed MLA (decode form)", f"{f['decode_absorbed'] / 1e9:.3f} GFLOP"))
+    tb = d["flops_per_token_training_breakdown"]
+    lever_parts = [(k, tb[k]) for k in ("dsa_indexer", "dsa_kl_target", "mhc", "engram") if tb[k]]
+    if lever_parts:
+        rows.append(("training, of which levers", ", ".join(f"{k} {_flops(v)}" for k, v in lever_parts)))
     sec("weight memory (no MTP)")
     rows.append(("", ", ".join(f"{dt} {_bytes(b)}" for dt, b in d["weight_bytes"].items())))
     sec("attention")

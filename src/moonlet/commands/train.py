@@ -12,6 +12,16 @@ EXAMPLES = """examples:
   moonlet train --config my_config.json --data corpus.jsonl --tokenizer tok/ --precision bf16 --out runs/x
   moonlet train --out runs/tiny --resume                          # continue from the newest checkpoint
   moonlet train --out runs/tiny --resume --steps 4000             # ... and train longer
+  torchrun --standalone --nproc-per-node 4 -m moonlet train --preset small --ep 2 --out runs/s4
+                                                                  # 4 processes: FSDP2 x expert parallel
+  moonlet train --preset tiny --set hc_mult=4 --out runs/mhc      # mHC: 4 residual streams
+  moonlet train --preset tiny --set 'engram_layers=[1]' engram_table_size=20011 --out runs/engram
+  moonlet train --preset tiny --set model_type=deepseek_v32 index_n_heads=4 index_head_dim=32 index_topk=64 \
+      --out runs/dsa                                              # DSA from scratch (sparse stage)
+  # DSA on a dense checkpoint: indexer warm-up (everything else frozen), then the sparse stage
+  moonlet train --init runs/tiny --set model_type=deepseek_v32 index_n_heads=4 index_head_dim=32 \
+      index_topk=64 --dsa-stage warmup --steps 100 --lr 1e-3 --out runs/dsa-warmup
+  moonlet train --init runs/dsa-warmup --dsa-stage sparse --steps 300 --out runs/dsa-sparse
 """
 
 
@@ -46,7 +56,8 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
         opt(g, "--preset", "--config", dest="model", metavar="NAME|config.json",
             help="model: tiny, small, deepseek-v3, kimi-k2, or a config.json")
         opt(g, "--set", nargs="+", metavar="KEY=VALUE", help="override config fields, e.g. --set num_hidden_layers=6")
-        opt(g, "--init", metavar="CKPT", help="start from these weights (continued pretraining) instead of random")
+        opt(g, "--init", metavar="CKPT", help="start from these weights (continued pretraining) instead of random; "
+            "--set may then add modules (e.g. DSA's indexers), which start from scratch")
         opt(g, "--data", nargs="+", metavar="PATH",
             help="text files (.txt/.md, one document each), JSONL ({\"text\"} per line), directories of them, "
                  ".gz/.xz ok (default: the bundled Shakespeare corpus)")
@@ -55,6 +66,11 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
     opt(g, "--tokenizer", metavar="PATH", help="tokenizer.json or its directory (default: the checkpoint's, or train one)")
     if mode != "sft":
         opt(g, "--vocab-size", type=int, help="vocabulary of a newly trained tokenizer (default: the preset's)")
+
+    g = p.add_argument_group("DSA (model_type deepseek_v32)")
+    opt(g, "--dsa-stage", choices=["warmup", "sparse"],
+        help="warmup: dense attention, only the lightning indexers train (KL to the main attention); "
+             "sparse: top-k attention, everything trains (default for a DSA model: sparse)")
 
     g = p.add_argument_group("batch")
     opt(g, "--batch-size", "-b", type=int, help="rows per micro-batch (per process)")
@@ -89,6 +105,14 @@ def add_train_options(p: argparse.ArgumentParser, mode: str) -> None:
     opt(g, "--keep-last", type=int, help="checkpoints kept (0: all)")
     opt(g, "--max-nonfinite", type=int, help="non-finite steps in a row that stop the run")
 
+    g = p.add_argument_group("distributed (under torchrun; docs/distributed.md)")
+    opt(g, "--dp-shard", type=int,
+        help="FSDP ranks per expert block; dp-shard x ep = processes (default: processes / ep)")
+    opt(g, "--ep", type=int,
+        help="expert-parallel ranks: routed experts are split over them (must divide the expert count)")
+    opt(g, "--activation-checkpointing", action="store_true",
+        help="recompute each block's activations in the backward pass (less memory, ~1 more forward)")
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="pretrain a model (tiny/small/config.json) on text",
@@ -103,6 +127,7 @@ def given_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace, mode: str = "pretrain") -> int:
+    import os
     import sys
 
     from ..train.trainer import TrainingDiverged
@@ -113,6 +138,20 @@ def run(args: argparse.Namespace, mode: str = "pretrain") -> int:
     except TrainingDiverged as e:
         print(f"moonlet {args.command}: {e}", file=sys.stderr)
         return 3
+    except (ValueError, FileNotFoundError, KeyboardInterrupt):
+        raise  # the CLI prints one line and exits non-zero
+    except Exception as e:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: never hang, say which rank and why
+            from ..dist.failure import describe_failure
+
+            import traceback
+
+            traceback.print_exc()
+            print(describe_failure(e), file=sys.stderr, flush=True)
+            os._exit(1)
+        raise
+    if not summary.get("is_main", True):
+        return 0
     val = summary["val_loss"]
     print(f"done: step {summary['step']}, {summary['tokens']:,} tokens, "
           + (f"val loss {val:.4f}, " if val is not None else "")

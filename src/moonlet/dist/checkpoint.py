@@ -9,12 +9,15 @@ directory must be on a filesystem all ranks see (as for DCP's FileSystemWriter).
 
 `export_hf` gathers the full state dict to rank 0 (CPU) and writes a normal moonlet / Hugging Face
 checkpoint directory (config.json + model.safetensors) with `moonlet.interop.hf.save_pretrained`.
+`load_consolidated` does the same offline, in one process, from a training checkpoint's DCP shards
+(`python -m moonlet.dist.export CKPT` writes it next to them).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,7 +27,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
@@ -96,14 +101,58 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def _load_one_process(state: dict, shards: Path) -> None:
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=str(shards), no_dist=True)
+
+
+def plain_model(cfg) -> CausalLM:
+    """An unsharded CausalLM on CPU with uninitialised weights (they are loaded next)."""
+    with torch.device("meta"):
+        plain = CausalLM(cfg)
+    plain = plain.to_empty(device="cpu")
+    plain.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
+    return plain
+
+
+def load_consolidated(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> CausalLM:
+    """The full model of a sharded run's checkpoint (config.json + distributed/ DCP shards), read in
+    this process alone (no process group needed, any saved layout)."""
+    from ..config import ModelConfig
+
+    ckpt = Path(ckpt)
+    shards = ckpt / "distributed"
+    if not (shards / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt} has no distributed/.metadata: not a checkpoint of a distributed run")
+    model = plain_model(ModelConfig.load(ckpt))
+    state = {"model": model.state_dict()}
+    try:
+        _load_one_process(state, shards)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the distributed checkpoint {shards}: {str(e).splitlines()[0][:300]}") from e
+    model.load_state_dict(state["model"], strict=True)
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def load_optimizer_offline(shards: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the optimizer part of a `save_distributed` checkpoint into an unsharded model's optimizer,
+    in this process alone (a sharded run resumed on one process)."""
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    try:
+        _load_one_process(state, shards)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the optimizer state in {shards}: {str(e).splitlines()[0][:300]}") from e
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+
+
 def export_hf(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Collective: write a consolidated HF-format checkpoint of a sharded model (rank 0 writes)."""
     sd = full_state_dict(model)
     if _rank() == 0:
-        with torch.device("meta"):
-            plain = CausalLM(model.config)
-        plain = plain.to_empty(device="cpu")
-        plain.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
+        plain = plain_model(model.config)
         plain.load_state_dict(sd, strict=True)
         save_pretrained(plain, path, dtype=dtype)
     _barrier()

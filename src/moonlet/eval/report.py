@@ -124,6 +124,7 @@ def render_plot(summary: dict, rows: list[dict], path: Path) -> bool:
     os.close(fd)
     try:
         fig.savefig(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -5,6 +5,9 @@
         tokenizer.json  tokenizer_config.json
         trainer_state.pt                      step, optimizer, loader position, RNG, metrics state
         train_args.json                       how the run was started (resume reads it back)
+        distributed/                          runs under torchrun (moonlet.dist): the sharded model and
+                                              optimizer state (torch.distributed.checkpoint); the run's
+                                              last checkpoint also has the consolidated model.safetensors
 
 A checkpoint is written into `checkpoints/.tmp_step_XXXXXXX_<pid>/` and renamed into place, so a
 `step_*` directory is always complete: a crash (even SIGKILL) mid-save leaves at worst a `.tmp_*`
@@ -33,12 +36,20 @@ def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
+DISTRIBUTED = "distributed"
+
+
 def _has_weights(d: Path) -> bool:
     return (d / "model.safetensors").exists() or (d / "model.safetensors.index.json").exists()
 
 
+def has_distributed_state(d: str | os.PathLike) -> bool:
+    """A checkpoint written by a sharded run: its weights and optimizer state are DCP shards."""
+    return (Path(d) / DISTRIBUTED / ".metadata").is_file()
+
+
 def is_complete(d: Path) -> bool:
-    return d.is_dir() and all((d / f).exists() for f in REQUIRED) and _has_weights(d)
+    return d.is_dir() and all((d / f).exists() for f in REQUIRED) and (_has_weights(d) or has_distributed_state(d))
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -73,8 +84,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state: dict, train_args: dict,
-                    tokenizer=None, keep_last: int = 3) -> Path:
-    """Write checkpoint `step` atomically and prune to the newest `keep_last` (0 = keep all)."""
+                    tokenizer=None, keep_last: int = 3, write_weights=None) -> Path:
+    """Write checkpoint `step` atomically and prune to the newest `keep_last` (0 = keep all).
+
+    write_weights(tmp_dir): writes config + weights instead of save_pretrained(model) (sharded runs)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
@@ -82,7 +95,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state:
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_pretrained(model, tmp)
+        if write_weights is not None:
+            write_weights(tmp)
+        else:
+            save_pretrained(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         _atomic_torch_save(trainer_state, tmp / "trainer_state.pt")
@@ -122,6 +138,10 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device
     from ..interop.hf import from_pretrained
 
     d = resolve_checkpoint(ckpt)
+    if not _has_weights(d) and has_distributed_state(d):  # a sharded run's intermediate checkpoint
+        from ..dist.checkpoint import load_consolidated
+
+        return load_consolidated(d, dtype=dtype, device=device)
     try:
         return from_pretrained(d, dtype=dtype, device=device)
     except (FileNotFoundError, CheckpointError):

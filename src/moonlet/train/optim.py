@@ -25,8 +25,9 @@ rows are untouched. Every logit of head h is then scaled by exactly gamma_h.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -55,6 +56,15 @@ def newton_schulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     return X.mT if transposed else X
 
 
+def ns_dtype_for(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """"auto": bfloat16 on GPUs (as Muon's authors run it), float32 elsewhere -- on this project's
+    Zen 5 CPU a bf16 Newton-Schulz over the tiny preset's matrices took 4.3 s vs 0.32 s in fp32
+    (small bf16 GEMMs have no fast path here; docs/LOG.md 2026-12-02)."""
+    if ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return ns_dtype
+
+
 def muon_scale(shape: Sequence[int]) -> float:
     """0.2 * sqrt(max(A, B)) for a matrix (or a batch of matrices) of trailing shape [A, B]."""
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
@@ -65,11 +75,19 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with `use_muon=True`, AdamW for the others (one optimizer, one state dict).
 
     Group keys: lr, weight_decay, use_muon; Muon groups: momentum, nesterov, ns_steps, ns_dtype;
-    AdamW groups: betas, eps."""
+    AdamW groups: betas, eps.
+
+    `orthogonalize(update, fn)` applies the matrix function fn (Newton-Schulz) to an update; on one
+    process that is fn(update). Sharded training replaces it (moonlet.dist.orthogonalize_sharded)
+    so fn still sees whole matrices; everything else in the step is elementwise."""
+
+    @staticmethod
+    def orthogonalize(update: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return fn(update)
 
     def __init__(self, param_groups: list[dict], lr: float = 2e-3, weight_decay: float = 0.1,
                  momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: torch.dtype | None = torch.bfloat16, betas: tuple[float, float] = (0.9, 0.95),
+                 ns_dtype: torch.dtype | str | None = "auto", betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-8):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_dtype=ns_dtype, betas=betas, eps=eps, use_muon=False)
@@ -105,7 +123,8 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.mul_(mu).add_(g)
             g = g.add(buf, alpha=mu) if group["nesterov"] else buf
-            update = newton_schulz5(g, group["ns_steps"], dtype=group["ns_dtype"])
+            update = self.orthogonalize(g, functools.partial(newton_schulz5, steps=group["ns_steps"],
+                                                             dtype=ns_dtype_for(group["ns_dtype"], p.device)))
             p.mul_(1 - lr * wd)
             p.add_(update.to(p.dtype), alpha=-lr * muon_scale(p.shape))
 
@@ -162,7 +181,7 @@ def classify(model: nn.Module, use_muon: bool) -> dict[str, list[tuple[str, nn.P
 
 def build_optimizer(model: nn.Module, name: str = "muonclip", lr: float = 2e-3, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), momentum: float = 0.95,
-                    ns_dtype: torch.dtype | None = torch.bfloat16) -> torch.optim.Optimizer:
+                    ns_dtype: torch.dtype | str | None = "auto") -> torch.optim.Optimizer:
     """AdamW ("adamw") or Muon + AdamW ("muon", "muonclip": the clip itself is `QKClip`).
 
     Every group carries `base_lr` (= lr) for the schedule and `kind` (muon|decay|no_decay)."""
@@ -185,12 +204,19 @@ def build_optimizer(model: nn.Module, name: str = "muonclip", lr: float = 2e-3, 
 
 
 # ---- QK-clip --------------------------------------------------------------------------------------------
+def _scale_rows_plain(param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
+    param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
+
+
 @torch.no_grad()
-def qk_clip_(attn: nn.Module, max_logit_H: torch.Tensor, tau: float) -> torch.Tensor:
+def qk_clip_(attn: nn.Module, max_logit_H: torch.Tensor, tau: float,
+             scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = _scale_rows_plain) -> torch.Tensor:
     """Rescale one MLA layer's query/key weights so head h's logits shrink by gamma_h = min(1, tau/S_h).
 
     attn: a moonlet MLA (q_b_proj or q_proj rows per head [nope | rope], kv_b_proj rows per head
-    [k_nope | v]). max_logit_H [H]: scaled max logit per head. Returns gamma [H] (1 = untouched)."""
+    [k_nope | v]). max_logit_H [H]: scaled max logit per head. Returns gamma [H] (1 = untouched).
+    scale_rows_(param, row_scale): multiplies each (global) row of a weight in place; sharded
+    training passes moonlet.dist.scale_rows_ (the rows of one head may live on another rank)."""
     H, dn, dr = attn.n_heads, attn.nope_dim, attn.rope_dim
     s = max_logit_H.detach().float().to(attn.kv_b_proj.weight.device)
     gamma = torch.ones_like(s)
@@ -199,12 +225,11 @@ def qk_clip_(attn: nn.Module, max_logit_H: torch.Tensor, tau: float) -> torch.Te
     if not hot.any():
         return gamma
     wq = attn.q_b_proj.weight if getattr(attn, "q_lora_rank", None) is not None else attn.q_proj.weight
-    q = wq.view(H, dn + dr, wq.shape[-1])
-    root = gamma.sqrt().to(wq.dtype)[:, None, None]
-    q[:, :dn] *= root
-    q[:, dn:] *= gamma.to(wq.dtype)[:, None, None]
-    kv = attn.kv_b_proj.weight.view(H, dn + attn.v_dim, attn.kv_b_proj.weight.shape[-1])
-    kv[:, :dn] *= root.to(kv.dtype)
+    root = gamma.sqrt()[:, None]
+    q_rows = torch.cat([root.expand(H, dn), gamma[:, None].expand(H, dr)], dim=1).reshape(-1)
+    scale_rows_(wq, q_rows)
+    kv_rows = torch.cat([root.expand(H, dn), torch.ones(H, attn.v_dim, device=s.device)], dim=1).reshape(-1)
+    scale_rows_(attn.kv_b_proj.weight, kv_rows)
     return gamma
 
 
@@ -217,18 +242,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 class QKClip:
     """MuonClip's second half: after each optimizer step, clip the heads whose max logit exceeded tau."""
 
-    def __init__(self, model: nn.Module, tau: float = 100.0):
+    def __init__(self, model: nn.Module, tau: float = 100.0,
+                 scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = _scale_rows_plain):
         if not tau > 0:
             raise ValueError(f"qk-clip tau must be positive, got {tau}")
         self.attn = attention_modules(model)
         self.tau = tau
+        self.scale_rows_ = scale_rows_
 
     def __call__(self, max_logits: Iterable[torch.Tensor]) -> dict:
         """max_logits: per layer [H] (as ModelOutput.max_logits, maxed over micro-batches and ranks).
         Returns {"clipped_heads": n, "min_gamma": g}."""
         clipped, min_gamma = 0, 1.0
         for attn, s in zip(self.attn, max_logits):
-            gamma = qk_clip_(attn, s, self.tau)
+            gamma = qk_clip_(attn, s, self.tau, self.scale_rows_)
             clipped += int((gamma < 1).sum())
             min_gamma = min(min_gamma, float(gamma.min()))
         return {"clipped_heads": clipped, "min_gamma": min_gamma}

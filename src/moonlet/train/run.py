@@ -25,26 +25,64 @@ from ..data.corpus import (BUNDLED, bundled_documents, read_chat_documents, read
 from ..data.loader import ChatLoader, PackedTextLoader, TokenStream
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..model import CausalLM
+from ..model.sparse_attention import freeze_all_but_indexer, set_dsa_stage
 from .checkpoint import list_checkpoints, load_model, load_train_args, resolve_checkpoint
 from .runtime import Runtime
 from .trainer import TrainArgs, Trainer
 
 TRAIN_DEFAULTS: dict = dict(
     model="tiny", data=None, val_data=None, val_fraction=0.02, tokenizer=None, vocab_size=None, init=None,
-    resume=None, set=[], device="cpu", **asdict(TrainArgs()),
+    resume=None, set=[], device="cpu", dp_shard=None, ep=1, activation_checkpointing=False, dsa_stage=None,
+    **asdict(TrainArgs()),
 )
 SFT_DEFAULTS: dict = dict(TRAIN_DEFAULTS, model=None, lr=1e-3, steps=300, warmup_steps=20, eval_interval=50,
                           min_lr_ratio=0.0, val_fraction=0.05)
+DSA_TRAIN_STAGES = ("warmup", "sparse")
 RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log_interval", "save_interval",
-                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer"}
+                      "keep_last", "resume", "device", "max_nonfinite", "out", "lr", "init", "tokenizer",
+                      "dp_shard", "ep", "activation_checkpointing"}
+
+
+def _launch_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
 
 
 def make_runtime(opts: dict) -> Runtime:
-    """The process topology. Single process; moonlet.dist will return its runtime under torchrun."""
+    """The process topology: one process, or under torchrun (or with --dp-shard/--ep) moonlet.dist's
+    sharded runtime (FSDP2 + expert parallelism)."""
     device = opts.get("device", "cpu")
+    dp_shard, ep = opts.get("dp_shard"), opts.get("ep")
+    ep = 1 if ep is None else ep
+    if _launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
+        from ..dist.runtime import DistRuntime
+
+        return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"),
+                           activation_checkpointing=bool(opts.get("activation_checkpointing")))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Runtime(device)
+    return Runtime(device, activation_checkpointing=bool(opts.get("activation_checkpointing")))
+
+
+def _resume_batch_size(given: dict, saved: dict) -> None:
+    """The global batch (rows per step = batch_size x processes) decides the data order, so it cannot
+    change on resume; the number of processes can. Without -b, a different process count gets the
+    per-process batch that keeps the global one; with -b, the global batch is checked."""
+    world, saved_world = _launch_world_size(), int(saved.get("world_size", 1))
+    if "batch_size" not in saved:
+        return
+    global_b = saved["batch_size"] * saved_world
+    if "batch_size" not in given:
+        if world != saved_world:
+            if global_b % world:
+                raise ValueError(f"the run's global batch ({global_b} rows: --batch-size {saved['batch_size']} x "
+                                 f"{saved_world} processes) is not divisible by {world} processes")
+            given["batch_size"] = saved["batch_size"] = global_b // world
+        return
+    if given["batch_size"] * world != global_b:
+        raise ValueError(f"--batch-size {given['batch_size']} x {world} processes = {given['batch_size'] * world} rows "
+                         f"per step, but the run used {global_b} ({saved['batch_size']} x {saved_world}); the global "
+                         f"batch cannot change when resuming")
+    saved["batch_size"] = given["batch_size"]
 
 
 def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
@@ -65,6 +103,9 @@ def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
         saved = load_train_args(ckpt).get("options", {})
         if saved.get("mode", mode) != mode:
             raise ValueError(f"{ckpt} is a {saved.get('mode')} run; resume it with `moonlet {saved.get('mode')}`")
+        _resume_batch_size(given, saved)
+        if int(saved.get("world_size", 1)) != _launch_world_size():  # a new process count: a new default layout
+            saved = {k: v for k, v in saved.items() if k not in ("dp_shard", "ep")}
         opts.update({k: v for k, v in saved.items() if k in defaults or k in ("out", "mode")})
         for k, v in given.items():
             if k in RESUME_OVERRIDABLE:
@@ -193,9 +234,81 @@ def training_stage(model: CausalLM, opts: dict) -> tuple[dict, dict]:
     """Stage-specific training setup: (extra_losses, forward_kwargs) for the Trainer, after freezing
     whatever the stage does not train (the optimizer only sees requires_grad parameters).
 
-    Plain pretraining/SFT: nothing. This is where DSA's stages plug in (the dense warm-up trains
-    only the lightning indexer with its KL loss; the sparse stage trains everything)."""
-    return {}, {}
+    Plain pretraining/SFT: nothing. A DSA model (model_type deepseek_v32) trains in one of DSA's
+    stages (V3.2 paper, section 2.1.1), "sparse" unless --dsa-stage says otherwise:
+    - "warmup": dense attention; only the lightning indexers train, on the KL to the main attention;
+    - "sparse": top-k attention; everything trains, the indexers on their KL (restricted to the
+      selected keys), the rest on the LM loss (the indexer reads detached inputs, so the two never mix).
+    """
+    stage = opts.get("dsa_stage")
+    if not model.config.is_dsa:
+        if stage is not None:
+            raise ValueError(f"--dsa-stage {stage} needs a DSA model; turn DSA on with --set model_type=deepseek_v32 "
+                             f"index_n_heads=H index_head_dim=D index_topk=K (with --init CKPT to start from a "
+                             f"dense checkpoint)")
+        return {}, {}
+    stage = stage or "sparse"
+    if stage not in DSA_TRAIN_STAGES:
+        raise ValueError(f"--dsa-stage must be one of {DSA_TRAIN_STAGES}, got {stage!r}")
+    set_dsa_stage(model, stage)
+    if stage == "warmup":
+        freeze_all_but_indexer(model)
+    return {"indexer": lambda out, batch: out.indexer_loss}, {}
+
+
+def _check_dsa_stage(opts: dict, source: Path | None) -> None:
+    """--dsa-stage on a model that will not have DSA fails before any tokenizing or training."""
+    stage = opts.get("dsa_stage")
+    if stage is None:
+        return
+    if stage not in DSA_TRAIN_STAGES:
+        raise ValueError(f"--dsa-stage must be one of {DSA_TRAIN_STAGES}, got {stage!r}")
+    base = resolve_config(str(source) if source is not None else opts["model"]).model_type
+    model_type = parse_overrides(opts.get("set")).get("model_type", base)
+    if model_type != "deepseek_v32":
+        raise ValueError(f"--dsa-stage {stage} needs a DSA model; turn DSA on with --set model_type=deepseek_v32 "
+                         f"index_n_heads=H index_head_dim=D index_topk=K (with --init CKPT to start from a "
+                         f"dense checkpoint)")
+
+
+def warmup_overrides(opts: dict, say) -> dict:
+    """The dense warm-up leaves everything but the indexers untouched: no expert-bias updates and no
+    QK-clip (which rewrites the frozen attention weights); MuonClip becomes plain Muon."""
+    if opts.get("dsa_stage") != "warmup":
+        return opts
+    opts = dict(opts, bias_update_gamma=0.0)
+    if opts["optimizer"] == "muonclip":
+        opts["optimizer"] = "muon"
+    say(f"DSA warm-up: training only the lightning indexers (optimizer {opts['optimizer']}, "
+        f"no expert-bias update, no QK-clip)")
+    return opts
+
+
+def model_from_init(init: Path, changes: dict, seed: int, say) -> CausalLM:
+    """The --init checkpoint's model, with --set applied: fields that only add modules (DSA's
+    indexers via model_type deepseek_v32, ...) or change no shape may change; new tensors start
+    from the usual initialisation, every loaded one keeps its value."""
+    base = load_model(init)
+    if not changes:
+        return base
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ConfigError(f"--set: unknown config field {unknown[0]!r}")
+    model = CausalLM(base.config.replace(**changes)).init_weights(seed=seed)
+    own, loaded = model.state_dict(), base.state_dict()
+    for k, v in loaded.items():
+        if k not in own:
+            raise ConfigError(f"--set {' '.join(f'{a}={b}' for a, b in changes.items())}: {init} has {k}, which the "
+                              f"changed model does not; only options that add modules can change with --init")
+        if own[k].shape != v.shape:
+            raise ConfigError(f"--set changes the shape of {k} ({tuple(v.shape)} -> {tuple(own[k].shape)}); "
+                              f"only options that add modules or keep shapes can change with --init")
+    missing = model.load_state_dict(loaded, strict=False).missing_keys
+    if missing:
+        say(f"--init {init}: {len(missing)} new tensors start from scratch "
+            f"({sum(own[k].numel() for k in missing):,} values, e.g. {missing[0]})")
+    return model
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -212,14 +325,22 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
     if mode == "sft" and opts["init"] is None and ckpt is None:
         raise ValueError("moonlet sft needs --init CHECKPOINT_OR_RUN_DIR (the model to fine-tune)")
     init = resolve_checkpoint(opts["init"]) if opts["init"] is not None and ckpt is None else None
+    _check_dsa_stage(opts, ckpt or init)
     run_dir.mkdir(parents=True, exist_ok=True)
+    opts = warmup_overrides(opts, say)
     args = TrainArgs.from_dict(opts)
     torch.manual_seed(args.seed)
 
-    tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
-    if ckpt is not None or init is not None:
-        model = load_model(ckpt or init)
-        _check_vocab(model, tokenizer, ckpt or init)
+    with runtime.main_first():  # rank 0 trains/saves the tokenizer and writes the token caches first
+        tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
+        if mode != "sft":
+            token_streams(tokenizer, opts, run_dir, say)
+    if ckpt is not None:
+        model = runtime.load_model(ckpt, resume=True)
+        _check_vocab(model, tokenizer, ckpt)
+    elif init is not None:
+        model = model_from_init(init, parse_overrides(opts.get("set")), args.seed, say)
+        _check_vocab(model, tokenizer, init)
     else:
         model = CausalLM(build_config(opts, tokenizer)).init_weights(seed=args.seed)
     model = model.float().train()
@@ -249,12 +370,18 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
         say(f"data: {len(train_stream):,} train / {len(val_stream):,} val tokens; "
             f"{train_loader.num_rows(0) // (train_loader.global_batch * args.grad_accum)} steps per epoch "
             f"at {args.batch_size * args.grad_accum * runtime.world_size} x {args.seq_len} tokens per step")
+    if runtime.world_size > 1:
+        if val_loader.num_rows(0) < runtime.world_size:  # a rank without a validation row would stall the others
+            raise ValueError(f"the validation data gives {val_loader.num_rows(0)} rows of {args.seq_len + 1} tokens, "
+                             f"fewer than the {runtime.world_size} processes; use more validation data")
+        say(f"distributed: {runtime.describe()}, {args.batch_size} rows per process")
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"model: {opts.get('model') or (ckpt or init)} ({n_params / 1e6:.2f}M parameters), optimizer {args.optimizer}, "
         f"lr {args.lr:g} ({args.schedule}), {args.steps} steps, run dir {run_dir}")
     info = {"options": {**opts, "data": _abs(opts["data"]), "val_data": _abs(opts["val_data"]),
-                        "init": str(init) if init else opts.get("init"), "out": str(run_dir)},
+                        "init": str(init) if init else opts.get("init"), "out": str(run_dir),
+                        "world_size": runtime.world_size},
             "moonlet_version": __version__, "command": sys.argv}
     extra_losses, forward_kwargs = training_stage(model, opts)
     trainer = Trainer(model, args, train_loader, val_loader, run_dir=run_dir, tokenizer=tokenizer, runtime=runtime,
@@ -273,4 +400,6 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
             say(f"(could not draw the loss curve: {e})")
     summary["run_dir"] = str(run_dir)
     summary["trainer"] = trainer
+    summary["is_main"] = runtime.is_main
+    runtime.close()
     return summary

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..data.loader import IGNORE_INDEX, Batch, RowLoader
 from .balance import ExpertLoadTracker, imbalance, update_expert_bias_
-from .checkpoint import list_checkpoints, load_trainer_state, save_checkpoint
+from .checkpoint import list_checkpoints
 from .optim import OPTIMIZERS, QKClip, build_optimizer
 from .runtime import Runtime
 from .schedule import SCHEDULES, lr_multiplier
@@ -151,11 +151,12 @@ class Trainer:
         self.extra_losses = dict(extra_losses or {})
         self.forward_kwargs = dict(forward_kwargs or {})
         self.print = print_fn if self.runtime.is_main else (lambda *_: None)
-        self.optimizer = build_optimizer(
+        self.optimizer = self.runtime.prepare_optimizer(build_optimizer(
             self.model, args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-            betas=(args.beta1, args.beta2), momentum=args.muon_momentum)
+            betas=(args.beta1, args.beta2), momentum=args.muon_momentum))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self.qk_clip = QKClip(self.raw_model, args.qk_clip_tau) if args.optimizer == "muonclip" else None
+        self.qk_clip = (QKClip(self.raw_model, args.qk_clip_tau, self.runtime.scale_rows_)
+                        if args.optimizer == "muonclip" else None)
         self.loads = ExpertLoadTracker(self.raw_model)
         self.step = 0
         self.tokens_seen = 0
@@ -204,14 +205,15 @@ class Trainer:
         for _ in range(a.grad_accum):
             batch = self.train_loader.next_batch().to(self.runtime.device)
             n_tokens += batch.input_ids.numel()
-            if batch.n_loss_tokens == 0:  # e.g. SFT rows whose assistant turns were truncated away
+            if self.runtime.skip_microbatch(batch):  # e.g. SFT rows whose assistant turns were truncated away
                 continue
             with self._autocast():
                 out = self.model(batch.input_ids, batch.labels, mtp_labels=batch.mtp_labels,
                                  mtp_lambda=a.mtp_lambda, record_max_logit=record, **self.forward_kwargs)
+                self.runtime.normalize_losses(out, batch)
                 loss, parts = self.objective(out, batch)
             self.loads.collect()
-            if not torch.isfinite(loss.detach()):
+            if not self.runtime.loss_is_finite(loss):
                 finite = False
                 continue
             (loss / a.grad_accum).backward()
@@ -225,6 +227,8 @@ class Trainer:
                 cur = [m.detach().float() for m in out.max_logits]
                 max_logits = cur if max_logits is None else [torch.maximum(x, y) for x, y in zip(max_logits, cur)]
         loads = [None if x is None else self.runtime.all_reduce(x, "sum") for x in self.loads.take()]
+        if max_logits is not None:  # the global batch's (QK-clip and the log)
+            max_logits = [self.runtime.all_reduce(m, "max") for m in max_logits]
         dev = self.runtime.device
         bad = self.runtime.all_reduce(torch.tensor(0.0 if finite and n_micro else 1.0, device=dev), "max")
         grad_norm = (self.runtime.clip_grad_norm_(self.params, a.grad_clip) if float(bad) == 0
@@ -247,7 +251,6 @@ class Trainer:
                     if load is not None:
                         update_expert_bias_(layer.gate, load, a.bias_update_gamma)
             if self.qk_clip is not None and max_logits is not None:
-                max_logits = [self.runtime.all_reduce(m, "max") for m in max_logits]
                 record_out.update(self.qk_clip(max_logits))
         self.step += 1
         self.tokens_seen += n_tokens * self.runtime.world_size
@@ -319,17 +322,17 @@ class Trainer:
             self.metrics.truncate_after(self.step)
 
     def resume(self, ckpt: str | Path) -> None:
-        """Restore optimizer, loader, RNG and counters from a checkpoint (weights are loaded with the model)."""
-        self.load_state_dict(load_trainer_state(ckpt))
+        """Restore optimizer, loader, RNG and counters from a checkpoint (weights are loaded with the
+        model, or here by a runtime whose checkpoints are sharded)."""
+        self.load_state_dict(self.runtime.load_checkpoint(ckpt, self.model, self.optimizer))
 
-    def save(self) -> Path | None:
-        path = None
-        if self.runtime.is_main and self.run_dir is not None:
-            info = dict(self.run_info, args=asdict(self.args))
-            path = save_checkpoint(self.run_dir, self.step, self.runtime.model_state_for_save(self.model),
-                                   self.state_dict(), info, self.tokenizer, self.args.keep_last)
-        self.runtime.barrier()
-        return path
+    def save(self, final: bool = False) -> Path | None:
+        if self.run_dir is None:
+            self.runtime.barrier()
+            return None
+        info = dict(self.run_info, args=asdict(self.args))
+        return self.runtime.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state_dict,
+                                            info, self.tokenizer, self.args.keep_last, final=final)
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -404,7 +407,7 @@ class Trainer:
                     break
             if self.val_loader is not None and (not self.history or self.history[-1].get("kind") != "val"):
                 self._validate(say)
-            ckpt = self.save()
+            ckpt = self.save(final=True)
             if self._stop_reason is not None and self.step < a.steps:
                 say(f"stopped at step {self.step}/{a.steps} ({self._stop_reason}); checkpoint {ckpt}; continue with --resume")
         finally:
