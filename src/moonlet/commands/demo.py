@@ -27,8 +27,8 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="tokenizer + pretraining + SFT + evaluation + generations, in minutes on a CPU",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="demo directory (default runs/demo; a previous demo there is replaced)")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default 300)")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 250)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="pretraining steps (default 200)")
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT steps (default 150)")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke run (few steps; numbers meaningless)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     (out / MARKER).write_text("created by `moonlet demo`; the next demo run replaces this directory\n")
     q = args.quick
-    pre_steps = args.pretrain_steps or (20 if q else 300)
-    sft_steps = args.sft_steps or (10 if q else 250)
+    pre_steps = args.pretrain_steps or (20 if q else 200)
+    sft_steps = args.sft_steps or (10 if q else 150)
     seed = args.seed
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
