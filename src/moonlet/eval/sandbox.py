@@ -100,8 +100,18 @@ def isolation_prefix(mode: str = "auto") -> tuple[tuple[str, ...], bool]:
     return (), False
 
 
+def interpreter_under_tmp() -> bool:
+    """The child never mounts its tmpfs over the interpreter: with the venv or the checkout under
+    /tmp (a CI clone in a temp dir), /tmp stays the host's, and only the uid drop and the Python
+    guard stand between a candidate and it (a world-writable /tmp is open to any uid)."""
+    paths = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+    paths += [p for p in sys.path if p and os.path.isdir(p)]
+    return any(os.path.realpath(p) == "/tmp" or os.path.realpath(p).startswith("/tmp/") for p in paths)
+
+
 def describe_isolation(mode: str = "auto") -> str:
     prefix, private = isolation_prefix(mode)
+    private = private and not interpreter_under_tmp()
     parts = []
     if prefix:
         parts.append("network namespace")
