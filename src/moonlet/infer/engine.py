@@ -72,11 +72,10 @@ class Engine:
     def from_pretrained(cls, path: str | os.PathLike, dtype: Any = None, **kw: Any) -> "Engine":
         """A checkpoint dir (or training run dir -> newest checkpoint), moonlet or HF DeepSeek-V3 format;
         the tokenizer is loaded when the dir has a tokenizer.json (else eng.tokenizer is None)."""
-        from ..interop.hf import from_pretrained
-        from ..train.checkpoint import resolve_checkpoint
+        from ..train.checkpoint import load_model, resolve_checkpoint
 
         d = resolve_checkpoint(path)
-        model = from_pretrained(d, dtype=dtype)
+        model = load_model(d, dtype=dtype)  # clear errors on damaged files; reads sharded-run checkpoints too
         tok = None
         if (d / "tokenizer.json").is_file():
             from ..data.tokenizer import Tokenizer
