@@ -65,6 +65,26 @@ def test_ragged_continuous_batch_equals_alone_and_full_forward_argmax(model):
     assert alone.token_ids == batched[0].token_ids
 
 
+def test_ragged_prompts_share_one_padded_prefill(model):
+    """Prompts of different lengths right-padded into one prefill forward give each prompt's own
+    greedy continuation (and the forward really was shared)."""
+    prompts = _prompts([5, 17, 3, 9, 12], seed=3)
+    eng = Engine(model, max_batch=5)
+    calls = []
+    prefill = eng.prefill
+    eng.prefill = lambda ids, cache, lengths=None: calls.append(ids.shape) or prefill(ids, cache, lengths)
+    sched = eng.scheduler()
+    sched.max_pad_fraction = 1.0  # take every waiting prompt into one forward
+    rids = [sched.add(p, SamplingParams(max_new_tokens=6, ignore_eos=True)) for p in prompts]
+    out = {r: [] for r in rids}
+    while sched.has_work():
+        for ev in sched.step():
+            out[ev.request_id].append(ev.token_id)
+    assert calls == [(5, 17)]
+    for prompt, rid in zip(prompts, rids):
+        assert out[rid] == _greedy_reference(model, prompt, 6)
+
+
 def test_same_seed_same_sample_in_any_batch(model):
     prompts = _prompts([6, 11, 4])
     sp = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=123, ignore_eos=True)

@@ -137,13 +137,26 @@ class Engine:
         return KVCache(self.cfg, max_batch, max_seq, dtype=self.model.dtype, device=self.model.device,
                        mtp=bool(self.speculative))
 
-    def prefill(self, ids_1P: torch.Tensor, cache: list[LayerCache]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fresh sequence's prompt into its (empty) cache row -> (last logits [1,1,V], hidden [1,P,D])."""
-        P = ids_1P.shape[1]
+    @property
+    def batched_prefill(self) -> bool:
+        """Whether several prompts can share one right-padded prefill forward (the fast path only:
+        Engram's decode state would take in the padding)."""
+        return self.fast is not None
+
+    def prefill(self, ids_NP: torch.Tensor, cache: list[LayerCache], lengths: list[int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh sequences' prompts (right-padded to P; lengths: the real ones) into their empty cache
+        rows -> (logits at each row's last prompt token [N,1,V] float32, hidden [N,P,D])."""
+        N, P = ids_NP.shape
+        lengths = lengths or [P] * N
+        if N > 1 and not self.batched_prefill:
+            raise ValueError("batched prefill needs the fast inference path")
+        pos = torch.arange(P)[None].expand(N, P)
         if self.fast is not None:
-            logits, hidden = self.fast(ids_1P, torch.arange(P)[None], cache, last_only=True, fresh=True)
+            last = None if all(n == P for n in lengths) else torch.tensor(lengths) - 1
+            logits, hidden = self.fast(ids_NP, pos, cache, last_only=True, fresh=True, last_index_B=last)
             return logits.float(), hidden
-        out = self.model(ids_1P, positions=torch.arange(P)[None], cache=cache, last_only=True)
+        out = self.model(ids_NP, positions=pos, cache=cache, last_only=True)
         return out.logits.float(), out.hidden
 
     def decode(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],

@@ -215,17 +215,22 @@ class FastForward:
         return x + self._moe(mod, w, h.view(B * T, -1)).view(B, T, -1)
 
     def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
-                 last_only: bool = True, fresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 last_only: bool = True, fresh: bool = False, last_index_B: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (logits [B, T or 1, V], final-normed hidden [B, T, D]). fresh: the rows' caches are empty
-        and positions are 0..T-1 (a prefill: causal attention without a mask)."""
+        and positions are 0..T-1 (a prefill: causal attention without a mask; right-padded rows are
+        fine, a real token never sees the padding after it). last_index_B: logits at these positions."""
         m = self.model
         x = m.model.embed_tokens(ids_BT)
         ctx = self._context(positions_BT, x.dtype, fresh)
         for i, layer in enumerate(m.model.layers):
             x = self._block(i, layer, x, ctx, cache[i].latent)
         hidden = _norm(m.model.norm, x)
-        logits = m.lm_head(hidden[:, -1:] if last_only else hidden)
-        return logits, hidden
+        if last_index_B is not None:
+            h = hidden[torch.arange(hidden.shape[0]), last_index_B][:, None]
+        else:
+            h = hidden[:, -1:] if last_only else hidden
+        return m.lm_head(h), hidden
 
     def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
             cache: list[LayerCache], fresh: bool = False) -> torch.Tensor:

@@ -5,8 +5,8 @@
     while sched.has_work():
         for ev in sched.step(): ...          # TokenEvent per produced token
 
-A step first admits waiting requests while rows are free (each is prefilled on its own row, and
-its first token comes from the prefill), then runs ONE batched decode forward over every running
+A step first admits waiting requests while rows are free (prompts of similar length share one
+right-padded prefill forward, each on its own row; a request's first token comes from the prefill), then runs ONE batched decode forward over every running
 row (or a speculative draft + verify round). Finished and aborted requests free their row at once.
 Text is detokenized incrementally; stop strings are held back until they are ruled out, so
 streamed text never contains (part of) a stop string.
@@ -205,10 +205,11 @@ class Scheduler:
     def step(self) -> list[TokenEvent]:
         events, self._events = self._events, []
         while self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting.popleft()
-            self.running.append(req)
-            events += self._prefill(req, len(self.running) - 1)
-            if req.finished:
+            batch = self._admit()
+            first = len(self.running)
+            self.running += batch
+            events += self._prefill(batch, first)
+            for req in [r for r in batch if r.finished]:
                 self._release(req)
         if self.running:
             if self.engine.speculative:
@@ -237,16 +238,41 @@ class Scheduler:
             self.cache.lengths[row] = 0
         self.running.pop()
 
-    def _prefill(self, req: Request, row: int) -> list[TokenEvent]:
+    # one prefill forward takes prompts while padding them to the longest wastes at most this
+    # fraction of its tokens, up to this many tokens in all
+    max_pad_fraction = 0.25
+    max_prefill_tokens = 4096
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests (in order) for the next prefill forward, right-padded to one length."""
+        batch = [self.waiting.popleft()]
+        if not self.engine.batched_prefill:
+            return batch
+        while self.waiting and len(self.running) + len(batch) < self.max_batch:
+            lens = [len(r.prompt_ids) for r in batch] + [len(self.waiting[0].prompt_ids)]
+            padded = max(lens) * len(lens)
+            if padded > self.max_prefill_tokens or padded - sum(lens) > self.max_pad_fraction * padded:
+                break
+            batch.append(self.waiting.popleft())
+        return batch
+
+    def _prefill(self, batch: list[Request], first: int) -> list[TokenEvent]:
+        """Prefill `batch` into rows first.. -> each request's first token."""
         cache = self._ensure_cache()
-        ids = torch.tensor([req.prompt_ids])
-        P = ids.shape[1]
-        logits, hidden = self.engine.prefill(ids, cache.view(row, row + 1))
-        cache.lengths[row] = P
-        if self.engine.speculative:
-            from .speculative import after_prefill
-            return after_prefill(self, req, row, logits[0, -1], hidden)
-        return [self.accept_token(req, row, sample_token(logits[0, -1], req.sampler)[0], logits[0, -1])]
+        lengths = [len(r.prompt_ids) for r in batch]
+        P = max(lengths)
+        ids = torch.tensor([r.prompt_ids + [0] * (P - len(r.prompt_ids)) for r in batch])
+        logits, hidden = self.engine.prefill(ids, cache.view(first, first + len(batch)), lengths)
+        events = []
+        for i, (req, n) in enumerate(zip(batch, lengths)):
+            row = first + i
+            cache.lengths[row] = n
+            if self.engine.speculative:
+                from .speculative import after_prefill
+                events += after_prefill(self, req, row, logits[i, -1], hidden[i:i + 1, :n])
+            else:
+                events.append(self.accept_token(req, row, sample_token(logits[i, -1], req.sampler)[0], logits[i, -1]))
+        return events
 
     def _decode(self, reqs: list[Request]) -> list[TokenEvent]:
         cache = self.cache
