@@ -10,7 +10,8 @@ round by round so both see the same machine load (best of the rounds is reported
   decode 2k   tokens/s at batch 1 with 2048 tokens of context (32 new tokens)
 Decode time = time(prompt + n new tokens) - time(prompt + 1 new token), so prefill is excluded on both
 sides. transformers runs `generate(do_sample=False)` with its fastest experts implementation on this
-machine (each one is timed first; the choice is printed). Also: KV-cache bytes per token (both, measured
+machine (each one is timed first; the choice is printed), in the same dtype as moonlet; bf16 rows are
+also divided by transformers' fp32 numbers (the issue's reference). Also: KV-cache bytes per token (both, measured
 from the caches' tensors), peak RSS, memory bandwidth (a big tensor copy), and a roofline line: decode
 tok/s at batch 1 / (bandwidth / weight bytes one token reads). `--spec-checkpoint DIR` adds MTP
 speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed).
@@ -23,6 +24,8 @@ speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -109,10 +112,11 @@ def hf_kv_bytes_per_token(hf, T: int = 16) -> float:
     return total / T
 
 
-def load_hf(path: str, impl: str):
+def load_hf(path: str, impl: str, dtype: torch.dtype = torch.float32):
     from transformers import DeepseekV3ForCausalLM
 
-    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation=impl).eval()
+    with contextlib.redirect_stdout(io.StringIO()):  # its load report lists the MTP layer it ignores
+        hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype, experts_implementation=impl).eval()
     hf.generation_config.eos_token_id = None
     return hf
 
@@ -164,33 +168,41 @@ def bench_preset(name: str, args) -> dict:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
         m = model if dtype == torch.float32 else CausalLM(cfg).init_weights(seed=0).to(dtype).eval()
         eng = Engine(m, max_batch=8, max_seq=2048 + ctx_new + 8)
-        use_hf = hf is not None and dtype == torch.float32
+        # transformers in the same dtype (bf16: its fastest fp32 experts implementation, loaded in bf16)
+        hf_d = hf if hf is None or dtype == torch.float32 else load_hf(tmp, res["hf_experts_impl"], dtype)
+        use_hf = hf_d is not None
         row: dict = {}
         p512 = prompts(1, 512)[0]
         ml_prefill(eng, p512)
-        t_ml, t_hf = timed_pair(rounds, lambda: ml_prefill(eng, p512), (lambda: hf_prefill(hf, p512)) if use_hf else None)
+        t_ml, t_hf = timed_pair(rounds, lambda: ml_prefill(eng, p512), (lambda: hf_prefill(hf_d, p512)) if use_hf else None)
         row["prefill"] = (512 / t_ml, 512 / t_hf if use_hf else None)
         for b in (1, 8):
             pb = prompts(b, 32)
             ml_generate(eng, pb, 2)
             # decode time = min over rounds of t(n new) - min over rounds of t(1 new): prefill excluded
             t_ml, t_hf = timed_pair(rounds, lambda: ml_generate(eng, pb, n_new),
-                                    (lambda: hf_generate(hf, pb, n_new)) if use_hf else None)
+                                    (lambda: hf_generate(hf_d, pb, n_new)) if use_hf else None)
             t1_ml, t1_hf = timed_pair(rounds, lambda: ml_generate(eng, pb, 1),
-                                      (lambda: hf_generate(hf, pb, 1)) if use_hf else None)
+                                      (lambda: hf_generate(hf_d, pb, 1)) if use_hf else None)
             row[f"decode_b{b}"] = (b * (n_new - 1) / (t_ml - t1_ml),
                                    b * (n_new - 1) / (t_hf - t1_hf) if use_hf else None)
         p2k = prompts(1, 2048)
         r2 = max(1, rounds - 1)
         t_ml, t_hf = timed_pair(r2, lambda: ml_generate(eng, p2k, ctx_new + 1),
-                                (lambda: hf_generate(hf, p2k, ctx_new + 1)) if use_hf else None)
+                                (lambda: hf_generate(hf_d, p2k, ctx_new + 1)) if use_hf else None)
         t1_ml, t1_hf = timed_pair(r2, lambda: ml_generate(eng, p2k, 1),
-                                  (lambda: hf_generate(hf, p2k, 1)) if use_hf else None)
+                                  (lambda: hf_generate(hf_d, p2k, 1)) if use_hf else None)
         row["decode_2k"] = (ctx_new / (t_ml - t1_ml), ctx_new / (t_hf - t1_hf) if use_hf else None)
         kv = eng.new_cache(1, 4)
-        row["kv_bytes_per_token"] = (kv.bytes_per_token(), hf_kv_bytes_per_token(hf) if use_hf else None)
+        row["kv_bytes_per_token"] = (kv.bytes_per_token(), hf_kv_bytes_per_token(hf_d) if use_hf else None)
         row["kv_bytes_formula"] = acc.kv_cache_bytes_per_token(cfg, kv.layers[0].latent.element_size())
         res[dtype_name] = row
+        if dtype != torch.float32 and "fp32" in res and res["fp32"]["decode_b1"][1]:
+            # against the issue's reference: transformers in fp32
+            row["vs_hf_fp32"] = {k: row[k][0] / res["fp32"][k][1] for k in ("prefill", "decode_b1", "decode_b8",
+                                                                          "decode_2k")}
+            print(f"  {name} {dtype_name} vs transformers fp32: " + ", ".join(
+                f"{k} {v:.2f}x" for k, v in row["vs_hf_fp32"].items()), flush=True)
         print(f"  {name} {dtype_name}: " + ", ".join(
             f"{k} {v[0]:.0f}" + (f" vs {v[1]:.0f} ({v[0] / v[1]:.2f}x)" if v[1] else "")
             for k, v in row.items() if isinstance(v, tuple)), flush=True)
@@ -242,12 +254,14 @@ def main() -> None:
     for name in args.presets:
         r = bench_preset(name, args)
         results[name] = r
-        b1 = r["fp32"]["decode_b1"][0] if "fp32" in r else None
-        if b1:
-            bound = bw * 1e9 / r["weight_bytes_per_token_fp32"]
-            r["roofline_fraction_b1_fp32"] = b1 / bound
-            print(f"  {name} roofline: decode b1 fp32 {b1:.0f} tok/s = {b1 / bound:.0%} of bandwidth bound "
-                  f"{bound:.0f} tok/s ({r['weight_bytes_per_token_fp32'] / 1e6:.1f} MB weights/token)", flush=True)
+        for dt, nbytes in (("fp32", 4), ("bf16", 2)):
+            if dt in r:
+                b1 = r[dt]["decode_b1"][0]
+                wb = r["weight_bytes_per_token_fp32"] * nbytes / 4
+                bound = bw * 1e9 / wb
+                r[f"roofline_fraction_b1_{dt}"] = b1 / bound
+                print(f"  {name} roofline: decode b1 {dt} {b1:.0f} tok/s = {b1 / bound:.0%} of bandwidth bound "
+                      f"{bound:.0f} tok/s ({wb / 1e6:.1f} MB weights/token)", flush=True)
         if name == "small":
             print(f"  llama.cpp reference (small, 2 threads, from the brief): {LLAMA_CPP_SMALL_2T}", flush=True)
         print(f"  peak RSS so far {r['peak_rss_mb']:.0f} MB", flush=True)
