@@ -190,13 +190,21 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     of `block` tokens and block i scores only keys [0, end of block i): about half the score work at
     long T (0.75 of it at T = 256). Scores and probabilities are in the matmul dtype. Default block:
     64 tokens with shared k/v (their H rows per token already make tall matmuls), 128 per-head (both
-    measured best for the `small` preset at T = 256, docs/LOG.md).
+    measured best for the `small` preset at T = 256, docs/LOG.md). On CPU, bf16/fp16 compute in fp32.
     """
+    dev = q_BTHd.device.type
+    if dev == "cpu" and (torch.is_autocast_enabled("cpu") or q_BTHd.dtype in (torch.bfloat16, torch.float16)):
+        # CPU bmm in bf16 is 5-8x slower than in fp32 at these shapes (small, T = 256, fwd + bwd: 2.7 s
+        # vs 0.5 s; docs/LOG.md): attention runs in fp32, its output in the input's dtype
+        with torch.autocast("cpu", enabled=False):
+            out_dtype = q_BTHd.dtype
+            o = causal_attention_blocked(q_BTHd.float(), k_BTGd.float(), v_BTGe.float(), scale, block)
+        return o if torch.is_autocast_enabled("cpu") else o.to(out_dtype)
     B, T, H, d = q_BTHd.shape
     G, e = k_BTGd.shape[2], v_BTGe.shape[-1]
     q_BTHd = q_BTHd * scale
-    if torch.is_autocast_enabled(q_BTHd.device.type):  # cast once here, not in every block's matmul
-        dt = torch.get_autocast_dtype(q_BTHd.device.type)
+    if torch.is_autocast_enabled(dev):  # cast once here, not in every block's matmul
+        dt = torch.get_autocast_dtype(dev)
         q_BTHd, k_BTGd, v_BTGe = q_BTHd.to(dt), k_BTGd.to(dt), v_BTGe.to(dt)
     if G == 1:  # rows (token, head), token-major; keys shared: [B, T, d]
         q = q_BTHd.reshape(B, T * H, d)
