@@ -1,11 +1,6 @@
 """Weight-only INT8 / INT4 (moonlet.model.quant): hand-worked formats, the s/2 error bound, a tiny
 model's logits and greedy generation through the Engine, memory accounting, and the CLI flag."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,9 +12,6 @@ from moonlet.infer import Engine, SamplingParams
 from moonlet.model import CausalLM
 from moonlet.model.quant import (QuantExperts, QuantLinear, QuantWeight, dequantize, linear, pack_int4,
                                  quantize_int4, quantize_int8, quantize_model, unpack_int4)
-
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-
 
 # ---- formats, by hand ------------------------------------------------------------------------------
 def test_int8_hand_example():
@@ -187,23 +179,21 @@ def test_accounting_matches_storage(scheme):
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-def _cli(*args):
-    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "moonlet", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+def test_cli_generate_quantized(tmp_path, capsys):
+    from moonlet.cli import main
 
-
-def test_cli_generate_quantized(tmp_path):
     cfg = preset("tiny").replace(num_hidden_layers=2)
     CausalLM(cfg).init_weights(seed=3).save_pretrained(tmp_path)
-    r = _cli("generate", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--ignore-eos",
-             "--quantize", "int4")
-    assert r.returncode == 0, r.stderr
-    assert "[quantized int4 (group 32)" in r.stderr and len(r.stdout.split()) == 4
-    r = _cli("generate", str(tmp_path), "--prompt-ids", "1", "--quantize", "int3")
-    assert r.returncode == 2 and "invalid choice: 'int3'" in r.stderr
-    r = _cli("generate", str(tmp_path), "--prompt-ids", "1", "--quantize", "int4", "--quant-group-size", "7")
-    assert r.returncode == 1 and "group_size must be an even integer >= 2, got 7" in r.stderr
+    rc = main(["generate", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--ignore-eos",
+               "--quantize", "int4"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "[quantized int4 (group 32)" in out.err and len(out.out.split()) == 4
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(tmp_path), "--prompt-ids", "1", "--quantize", "int3"])
+    assert e.value.code == 2 and "invalid choice: 'int3'" in capsys.readouterr().err
+    rc = main(["generate", str(tmp_path), "--prompt-ids", "1", "--quantize", "int4", "--quant-group-size", "7"])
+    assert rc == 1 and "group_size must be an even integer >= 2, got 7" in capsys.readouterr().err
 
 
 def test_cli_serve_accepts_quantize():
