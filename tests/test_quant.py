@@ -10,7 +10,7 @@ from moonlet import accounting as acc
 from moonlet.config import preset
 from moonlet.infer import Engine, SamplingParams
 from moonlet.model import CausalLM
-from moonlet.model.quant import (QuantExperts, QuantLinear, QuantWeight, dequantize, linear, pack_int4,
+from moonlet.model.quant import (QuantExperts, QuantLinear, QuantWeight, cat_rows, dequantize, linear, pack_int4,
                                  quantize_int4, quantize_int8, quantize_model, unpack_int4)
 
 # ---- formats, by hand ------------------------------------------------------------------------------
@@ -203,3 +203,16 @@ def test_cli_serve_accepts_quantize():
     assert args.quantize == "int8" and args.quant_group_size == 32
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "ckpt", "--quantize", "fp4"])
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cat_and_select_rows_are_exact(scheme):
+    g = torch.Generator().manual_seed(2)
+    a, b = QuantWeight(torch.randn(6, 64, generator=g), scheme), QuantWeight(torch.randn(4, 64, generator=g), scheme)
+    ab = cat_rows(a, b)
+    assert ab.shape == (10, 64) and ab.nbytes == a.nbytes + b.nbytes
+    assert torch.equal(ab.dequantize(), torch.cat((a.dequantize(), b.dequantize())))
+    idx = [5, 0, 2]
+    assert torch.equal(a.select_rows(idx).dequantize(), a.dequantize()[idx])
+    with pytest.raises(ValueError, match="one scheme"):
+        cat_rows(a, QuantWeight(torch.randn(4, 32, generator=g), scheme))

@@ -142,6 +142,11 @@ class QuantWeight(nn.Module):
             return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
         return F.linear(x, dequantize(self.scheme, q, s, x.dtype))
 
+    def select_rows(self, index: torch.Tensor | list[int]) -> "QuantWeight":
+        """A QuantWeight [len(index), K] of these output rows (exact: every scale belongs to one row)."""
+        scale = self.scale[..., index] if self.scheme == "int8" else self.scale[..., index, :]
+        return _from_parts(self, self.qweight[..., index, :], scale)
+
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
         return f"{list(self.shape)}, {self.scheme}{g}, dtype={self.dtype}"
@@ -194,6 +199,25 @@ class QuantExperts(nn.Module):
                 start += n
         y_sorted = torch.cat(outs) * weights_NK.reshape(-1).index_select(0, order)[:, None].to(x_ND.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token, y_sorted)
+
+
+def _from_parts(like: QuantWeight, q: torch.Tensor, s: torch.Tensor) -> QuantWeight:
+    w = QuantWeight.__new__(QuantWeight)
+    nn.Module.__init__(w)
+    w.scheme, w.group_size, w.dtype = like.scheme, like.group_size, like.dtype
+    w.shape = tuple(q.shape[:-1]) + (like.shape[-1],)
+    w.register_buffer("qweight", q.contiguous())
+    w.register_buffer("scale", s.contiguous())
+    return w
+
+
+def cat_rows(*ws: QuantWeight) -> QuantWeight:
+    """Stack quantized weights along the output dim (exact), e.g. gate and up into one fused matmul."""
+    if len({(w.scheme, w.group_size, w.shape[-1]) for w in ws}) != 1:
+        raise ValueError("cat_rows needs weights of one scheme, group size and input dim")
+    scale_dim = -1 if ws[0].scheme == "int8" else -2  # int8 scales [..., N], int4 [..., N, K/G]
+    return _from_parts(ws[0], torch.cat([w.qweight for w in ws], dim=-2),
+                       torch.cat([w.scale for w in ws], dim=scale_dim))
 
 
 def linear(x: torch.Tensor, w, e: int | None = None) -> torch.Tensor:
