@@ -216,3 +216,17 @@ def test_cat_and_select_rows_are_exact(scheme):
     assert torch.equal(a.select_rows(idx).dequantize(), a.dequantize()[idx])
     with pytest.raises(ValueError, match="one scheme"):
         cat_rows(a, QuantWeight(torch.randn(4, 32, generator=g), scheme))
+
+
+@pytest.mark.parametrize("N", [16, 48, 96, 128, 208])
+def test_int4_kernel_layout_round_trip(N):
+    """On CPU, int4 weights live in torch's kernel layout; it must decode back to the canonical format
+    (row counts with and without a partial last block)."""
+    from moonlet.model.quant import from_int4pack, to_int4pack
+
+    p, _ = quantize_int4(torch.randn(2, N, 64, generator=torch.Generator().manual_seed(N)))
+    k = to_int4pack(p)
+    assert k.shape == p.shape and k.dtype == torch.uint8
+    assert torch.equal(from_int4pack(k), p)
+    assert QuantWeight(torch.randn(N, 64), "int4").layout == "int4pack"
+    assert QuantWeight(torch.randn(24, 64), "int4").layout == "canonical"  # N % 16 != 0: not the kernel's

@@ -8,11 +8,13 @@ stores them):
   two per byte: column 2j in the low nibble, column 2j+1 in the high nibble.
 Every element is then within s/2 of its dequantized value q * s.
 
-Forward: the weight is dequantized to the activation dtype and fed to F.linear, except for int8 with
-at most `kernel_max_rows` activation rows on CPU, where torch's fused `_weight_int8pack_mm` is used
-(with bf16 activations: its fp32 form is 2-8x slower than fp32 F.linear here; the bf16 one ~2x faster
-at batch 1 -- LOG 2026-12-02). torch's int4 CPU kernel wants an ISA-specific opaque layout that
-cannot be dequantized back cheaply, so int4 always dequantizes (its win is memory, not speed).
+Forward: with at most `kernel_max_rows` activation rows on CPU, torch's fused kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations: 1.5-3x faster than fp32
+F.linear at batch 1, where dequantizing + F.linear is 3-30x slower (LOG 2026-12-02; the int8 kernel
+with fp32 activations is slow too). With more rows (prefill), dequantize to the activation dtype and
+F.linear. On CPU an int4 weight whose row count suits the kernel (N % 16 == 0, group 32..256) is
+stored directly in torch's ISA-specific packed layout (same bytes: N x K/2); the layout is probed once
+per row count and checked on every weight, so it dequantizes exactly back to the format above.
 
 `quantize_model(model, "int8" | "int4")` swaps nn.Linear -> QuantLinear and Experts -> QuantExperts
 in place. Code that reads `linear.weight` keeps working (a dequantized copy); `experts.gate_proj[e]`
@@ -23,6 +25,7 @@ returns expert e's dequantized [out, in] weight, and `linear(x, w, e)` below is 
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -83,12 +86,84 @@ def check_group_size(group_size: int) -> None:
         raise ValueError(f"group_size must be an even integer >= 2, got {group_size!r}")
 
 
-def dequantize(scheme: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(q, scale) of either format -> the weight [..., N, K] in `dtype`."""
+def dequantize(scheme: str, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+               int4_values: torch.Tensor | None = None) -> torch.Tensor:
+    """(q, scale) of either format -> the weight [..., N, K] in `dtype` (int4: or from its values)."""
     if scheme == "int8":
         return q.to(dtype) * scale.to(dtype)[..., None]
-    v = unpack_int4(q).to(dtype).unflatten(-1, (scale.shape[-1], -1))
+    v = (unpack_int4(q) if int4_values is None else int4_values).to(dtype).unflatten(-1, (scale.shape[-1], -1))
     return (v * scale.to(dtype)[..., None]).flatten(-2)
+
+
+# ---- torch's CPU int4 kernel layout ---------------------------------------------------------------------
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def _nibbles(p: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., B] -> its nibbles [..., 2B] in memory order (low, high) as uint8."""
+    return torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)
+
+
+@functools.lru_cache(maxsize=None)
+def _int4pack_blocks(N: int) -> tuple[list[tuple[int, int]], torch.Tensor] | None:
+    """torch's CPU int4 layout for N rows, probed: blocks of rows in memory order, each storing column
+    k's nb nibbles at k*nb (32 rows with AVX2, 64 with AVX512, two rows per byte; a shorter tail).
+    -> ([(number of consecutive blocks, nb)], slot_of_row [N]); None if the layout is not of that form."""
+    if not hasattr(torch, "_convert_weight_to_int4pack_for_cpu") or N % 16:
+        return None
+    n = torch.arange(N, dtype=torch.int32)[:, None].expand(N, 2)
+    k = torch.arange(2, dtype=torch.int32)[None].expand(N, 2)
+    cols = _nibbles(torch._convert_weight_to_int4pack_for_cpu(k.contiguous(), 1).flatten())
+    row = torch.zeros(2 * N, dtype=torch.int64)
+    for d in range((max(N - 1, 1).bit_length() + 3) // 4):
+        digit = ((n >> (4 * d)) & 15).contiguous()
+        row += _nibbles(torch._convert_weight_to_int4pack_for_cpu(digit, 1).flatten()).long() << (4 * d)
+    blocks, pos = [], 0
+    while pos < 2 * N:
+        nb = int((cols[pos:] != 0).int().argmax()) if (cols[pos:] != 0).any() else 0
+        if nb == 0 or not (cols[pos + nb:pos + 2 * nb] == 1).all() or not torch.equal(row[pos:pos + nb], row[pos + nb:pos + 2 * nb]):
+            return None
+        blocks.append((nb, row[pos:pos + nb].clone()))
+        pos += 2 * nb
+    rows = torch.cat([r for _, r in blocks])
+    if not torch.equal(rows.sort().values, torch.arange(N)):
+        return None
+    runs: list[tuple[int, int]] = []
+    for nb, _ in blocks:
+        runs[-1:] = [(runs[-1][0] + 1, nb)] if runs and runs[-1][1] == nb else runs[-1:] + [(1, nb)]
+    return runs, torch.empty(N, dtype=torch.int64).index_put_((rows,), torch.arange(N))
+
+
+def _int4_kernel_ok(N: int, group_size: int, device: torch.device) -> bool:
+    return (device.type == "cpu" and group_size in INT4_KERNEL_GROUPS and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+            and _int4pack_blocks(N) is not None)
+
+
+def to_int4pack(q: torch.Tensor) -> torch.Tensor:
+    """Canonical packed int4 [..., N, K/2] -> torch's CPU kernel layout (same shape and bytes)."""
+    v = unpack_int4(q).to(torch.int32) + 8
+    flat = v.reshape(-1, *v.shape[-2:])
+    return torch.stack([torch._convert_weight_to_int4pack_for_cpu(m.contiguous(), 1) for m in flat]).view(q.shape)
+
+
+def int4pack_values(p: torch.Tensor) -> torch.Tensor:
+    """torch's CPU kernel layout [..., N, K/2] -> the int4 values int8 [..., N, K] (-8..7)."""
+    *lead, N, half = p.shape
+    K = 2 * half
+    stream = _nibbles(p.reshape(*lead, N * half))
+    runs, slot_of_row = _int4pack_blocks(N)
+    parts, pos = [], 0
+    for count, nb in runs:  # each run: `count` blocks of nb rows, [block, k, slot] in memory
+        seg = stream[..., pos:pos + count * K * nb].unflatten(-1, (count, K, nb))
+        parts.append(seg.transpose(-1, -2).reshape(*lead, count * nb, K))
+        pos += count * K * nb
+    by_slot = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+    return by_slot.index_select(-2, slot_of_row).to(torch.int8) - 8
+
+
+def from_int4pack(p: torch.Tensor) -> torch.Tensor:
+    """torch's CPU kernel layout -> canonical packed int4 (the inverse of to_int4pack)."""
+    return pack_int4(int4pack_values(p))
 
 
 # ---- modules ---------------------------------------------------------------------------------------
@@ -108,8 +183,25 @@ class QuantWeight(nn.Module):
         self.shape = tuple(w.shape)
         self.dtype = w.dtype
         q, s = quantize_int8(w) if scheme == "int8" else quantize_int4(w, group_size)
+        self._set(q, s, w.device)
+
+    def _set(self, q: torch.Tensor, s: torch.Tensor, device: torch.device) -> None:
+        """Store canonical (q, s); int4 goes to the CPU kernel's layout when that is available."""
+        self.layout = "canonical"
+        if self.scheme == "int4" and _int4_kernel_ok(q.shape[-2], self.group_size, device):
+            p = to_int4pack(q)
+            if torch.equal(from_int4pack(p), q):  # the probed layout inverts exactly, else stay canonical
+                q, self.layout = p, "int4pack"
         self.register_buffer("qweight", q.contiguous())
         self.register_buffer("scale", s.contiguous())
+
+    def _canonical(self, q: torch.Tensor) -> torch.Tensor:
+        return from_int4pack(q) if self.layout == "int4pack" else q
+
+    def _dequantize(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.layout == "int4pack":
+            return dequantize("int4", q, s, dtype, int4_values=int4pack_values(q))
+        return dequantize(self.scheme, q, s, dtype)
 
     def _apply(self, fn, recurse=True):
         # dtype casts change what we dequantize to, never the stored ints or the bf16 scales
@@ -126,26 +218,33 @@ class QuantWeight(nn.Module):
         return self.qweight.nbytes + self.scale.nbytes
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize(self.scheme, self.qweight, self.scale, dtype or self.dtype)
+        return self._dequantize(self.qweight, self.scale, dtype or self.dtype)
 
     def __getitem__(self, e: int) -> torch.Tensor:
         """Expert e's dequantized weight [N, K] (a stack), as `stacked_param[e]` would give."""
-        return dequantize(self.scheme, self.qweight[e], self.scale[e], self.dtype)
+        return self._dequantize(self.qweight[e], self.scale[e], self.dtype)
 
     def linear(self, x: torch.Tensor, e: int | None = None) -> torch.Tensor:
         """x [..., K] @ W^T (W = expert e's weight for a stack) in x's dtype."""
         q, s = (self.qweight, self.scale) if e is None else (self.qweight[e], self.scale[e])
         K = x.shape[-1]
         rows = x.numel() // K
-        if self.scheme == "int8" and x.device.type == "cpu" and rows <= self.kernel_max_rows:
-            y = torch._weight_int8pack_mm(x.reshape(rows, K).to(torch.bfloat16), q, s)
-            return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
-        return F.linear(x, dequantize(self.scheme, q, s, x.dtype))
+        N = q.shape[0]
+        if x.device.type == "cpu" and rows <= self.kernel_max_rows:
+            xb = x.reshape(rows, K).to(torch.bfloat16)
+            if self.scheme == "int8":
+                return torch._weight_int8pack_mm(xb, q, s).to(x.dtype).view(*x.shape[:-1], N)
+            if self.layout == "int4pack":
+                sz = torch.zeros(s.shape[1], N, 2, dtype=torch.bfloat16)  # [K/G, N, (scale, zero)]
+                sz[..., 0] = s.t()
+                y = torch._weight_int4pack_mm_for_cpu(xb, q, self.group_size, sz)
+                return y.to(x.dtype).view(*x.shape[:-1], N)
+        return F.linear(x, self._dequantize(q, s, x.dtype))
 
     def select_rows(self, index: torch.Tensor | list[int]) -> "QuantWeight":
         """A QuantWeight [len(index), K] of these output rows (exact: every scale belongs to one row)."""
         scale = self.scale[..., index] if self.scheme == "int8" else self.scale[..., index, :]
-        return _from_parts(self, self.qweight[..., index, :], scale)
+        return _from_parts(self, self._canonical(self.qweight)[..., index, :], scale)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.scheme == "int4" else ""
@@ -206,8 +305,7 @@ def _from_parts(like: QuantWeight, q: torch.Tensor, s: torch.Tensor) -> QuantWei
     nn.Module.__init__(w)
     w.scheme, w.group_size, w.dtype = like.scheme, like.group_size, like.dtype
     w.shape = tuple(q.shape[:-1]) + (like.shape[-1],)
-    w.register_buffer("qweight", q.contiguous())
-    w.register_buffer("scale", s.contiguous())
+    w._set(q, s, like.scale.device)
     return w
 
 
@@ -216,7 +314,7 @@ def cat_rows(*ws: QuantWeight) -> QuantWeight:
     if len({(w.scheme, w.group_size, w.shape[-1]) for w in ws}) != 1:
         raise ValueError("cat_rows needs weights of one scheme, group size and input dim")
     scale_dim = -1 if ws[0].scheme == "int8" else -2  # int8 scales [..., N], int4 [..., N, K/G]
-    return _from_parts(ws[0], torch.cat([w.qweight for w in ws], dim=-2),
+    return _from_parts(ws[0], torch.cat([w._canonical(w.qweight) for w in ws], dim=-2),
                        torch.cat([w.scale for w in ws], dim=scale_dim))
 
 

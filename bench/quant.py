@@ -1,0 +1,179 @@
+"""Weight-only INT8 / INT4 on the `small` preset: memory, logits error, decode speed, matvec kernels.
+
+One random `small` model (init_weights(seed=0), as bench/decode.py builds it) in four forms:
+fp32, bf16 (model.to(bfloat16)), int8 and int4 (quantize_model on the fp32 model; lm_head kept).
+
+  memory      state bytes (parameters + buffers) as stored, accounting's prediction next to it, and
+              the bytes the Engine's fast path derives on top (folded / fused copies; quantized
+              weights stay quantized only once fastpath uses moonlet.model.quant -- see LOG)
+  error       logits vs fp32 on 4 x 64 random tokens: relative L2 error, top-1 agreement; also int8 /
+              int4 with lm_head quantized too (why it is kept by default)
+  decode      tok/s at batch 1 through the Engine, 32-token prompt, greedy:
+              (time(1 + n new) - time(1 new)) / n, best of the rounds
+  matvec      us per y = x @ W^T with one activation row, per weight shape of `small` and 4096x4096:
+              fp32 / bf16 F.linear, int8 dequant + F.linear, torch._weight_int8pack_mm with fp32 and
+              bf16 activations, int4 dequant + F.linear, torch._weight_int4pack_mm_for_cpu (bf16)
+
+    PYTHONPATH=src python bench/quant.py            # ~3 min on a quiet machine, 1 thread
+    PYTHONPATH=src python bench/quant.py --quick    # fewer tokens and reps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from moonlet import accounting as acc
+from moonlet.config import preset
+from moonlet.infer import Engine, SamplingParams
+from moonlet.model import CausalLM
+from moonlet.model.quant import QuantWeight, dequantize, quantize_int4, quantize_int8, quantize_model, storage_bytes
+
+
+def build(form: str, skip=None) -> CausalLM:
+    m = CausalLM(preset("small")).init_weights(seed=0).eval()
+    if form == "bf16":
+        return m.to(torch.bfloat16)
+    if form in ("int8", "int4"):
+        quantize_model(m, form) if skip is None else quantize_model(m, form, skip=skip)
+    return m
+
+
+def derived_bytes(eng: Engine) -> int:
+    """Bytes of tensors the fast path holds that do not share storage with the model's state."""
+    if eng.fast is None:
+        return 0
+    own = {t.untyped_storage().data_ptr() for t in eng.model.state_dict().values()}
+    seen, total = set(), 0
+
+    def visit(x):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            p = x.untyped_storage().data_ptr()
+            if p not in own and p not in seen:
+                seen.add(p)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, QuantWeight):
+            for t in (x.qweight, x.scale):
+                visit(t)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y)
+        elif hasattr(x, "__dict__") and not isinstance(x, torch.nn.Module):
+            for y in vars(x).values():
+                visit(y)
+
+    visit(eng.fast.attn)
+    visit([w for _, _, w in eng.fast.mlp])
+    return total
+
+
+def decode_tps(eng: Engine, n_new: int, rounds: int) -> float:
+    prompt = torch.randint(0, eng.cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(n):
+        t = time.perf_counter()
+        eng.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t
+
+    run(4)  # warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        best = min(best, run(1 + n_new) - run(1))
+    return n_new / best
+
+
+def time_us(fn, reps: int) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e6
+
+
+def matvec(shapes, reps: int) -> list[dict]:
+    rows = []
+    for N, K in shapes:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(N, K, generator=g)
+        x = torch.randn(1, K, generator=g)
+        wb, xb = w.bfloat16(), x.bfloat16()
+        q8, s8 = quantize_int8(w)
+        q4, s4 = quantize_int4(w, 32)
+        r = {"shape": f"{N}x{K}",
+             "fp32": time_us(lambda: F.linear(x, w), reps),
+             "bf16": time_us(lambda: F.linear(xb, wb), reps),
+             "int8 dequant": time_us(lambda: F.linear(x, dequantize("int8", q8, s8, torch.float32)), reps),
+             "int8pack fp32 act": time_us(lambda: torch._weight_int8pack_mm(x, q8, s8.float()), reps),
+             "int8pack bf16 act": time_us(lambda: torch._weight_int8pack_mm(xb, q8, s8), reps),
+             "int4 dequant": time_us(lambda: F.linear(x, dequantize("int4", q4, s4, torch.float32)), reps)}
+        if N % 16 == 0:  # the CPU int4 kernel's layout needs N % 16 == 0
+            packed = torch._convert_weight_to_int4pack_for_cpu((q4_int := _unpacked(q4)) + 8, 1)
+            del q4_int
+            sz = torch.stack((s4.t(), torch.zeros_like(s4.t())), -1).contiguous()  # [K/32, N, 2] bf16
+            r["int4pack bf16 act"] = time_us(lambda: torch._weight_int4pack_mm_for_cpu(xb, packed, 32, sz), reps)
+        rows.append(r)
+    return rows
+
+
+def _unpacked(p: torch.Tensor) -> torch.Tensor:
+    from moonlet.model.quant import unpack_int4
+
+    return unpack_int4(p).to(torch.int32)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n_new, rounds, reps = (16, 2, 20) if args.quick else (64, 3, 100)
+    cfg = preset("small")
+    out: dict = {"threads": args.threads, "memory": {}, "error": {}, "decode_tok_s": {}}
+
+    ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    ref = None
+    for form in ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
+        base = form.split("+")[0]
+        m = build(base, skip=() if "+" in form else None)
+        with torch.no_grad():
+            logits = m(ids).logits.float()
+        if ref is None:
+            ref = logits
+        out["error"][form] = {"rel_l2": round(((logits - ref).norm() / ref.norm()).item(), 5),
+                              "top1_agree": round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)}
+        if "+" in form:
+            continue
+        eng = Engine(m, max_batch=1, max_seq=32 + n_new + 8)
+        predicted = (acc.quantized_weight_bytes(cfg, base, dtype="fp32")["total"] if base.startswith("int")
+                     else acc.weight_bytes(cfg, "fp32" if base == "fp32" else "bf16", include_mtp=True))
+        out["memory"][form] = {"state_MiB": round(storage_bytes(m) / 2**20, 1),
+                               "accounting_MiB": round(predicted / 2**20, 1),
+                               "fastpath_extra_MiB": round(derived_bytes(eng) / 2**20, 1)}
+        out["decode_tok_s"][form] = round(decode_tps(eng, n_new, rounds), 1)
+        print(form, out["memory"][form], out["error"][form], f"decode b1 {out['decode_tok_s'][form]} tok/s", flush=True)
+        del eng, m
+
+    shapes = sorted({(mod.shape[-2], mod.shape[-1]) for mod in build("int8").modules() if isinstance(mod, QuantWeight)})
+    out["matvec_us"] = matvec(shapes + [(4096, 4096)], reps)
+    cols = list(out["matvec_us"][0])
+    print("matvec, one activation row, median us:")
+    print(" | ".join(cols))
+    for r in out["matvec_us"]:
+        print(" | ".join(r[c] if c == "shape" else f"{r.get(c, float('nan')):.0f}" for c in cols))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
