@@ -10,12 +10,16 @@ fp32, bf16 (model.to(bfloat16)), int8 and int4 (quantize_model on the fp32 model
               int4 with lm_head quantized too (why it is kept by default)
   decode      tok/s at batch 1 through the Engine, 32-token prompt, greedy:
               (time(1 + n new) - time(1 new)) / n, best of the rounds
+  trained     with --checkpoint DIR --text FILE: the same forms of a trained checkpoint, mean NLL and
+              perplexity on 8 x 256 tokens of FILE, logits error vs its fp32 (random weights exaggerate
+              relative logit errors: their logits barely vary, so any rounding moves them a lot)
   matvec      us per y = x @ W^T with one activation row, per weight shape of `small` and 4096x4096:
               fp32 / bf16 F.linear, int8 dequant + F.linear, torch._weight_int8pack_mm with fp32 and
               bf16 activations, int4 dequant + F.linear, torch._weight_int4pack_mm_for_cpu (bf16)
 
     PYTHONPATH=src python bench/quant.py            # ~3 min on a quiet machine, 1 thread
     PYTHONPATH=src python bench/quant.py --quick    # fewer tokens and reps
+    PYTHONPATH=src python bench/quant.py --checkpoint runs/demo/pretrain --text runs/demo/val.txt
 """
 
 from __future__ import annotations
@@ -41,6 +45,36 @@ def build(form: str, skip=None) -> CausalLM:
     if form in ("int8", "int4"):
         quantize_model(m, form) if skip is None else quantize_model(m, form, skip=skip)
     return m
+
+
+def trained(ckpt: str, text: str, n_seq: int = 8, T: int = 256) -> dict:
+    from moonlet.data.tokenizer import Tokenizer
+    from moonlet.train.checkpoint import load_model, resolve_checkpoint
+
+    d = resolve_checkpoint(ckpt)
+    with open(text) as f:
+        ids = Tokenizer.from_file(d).encode(f.read())
+    if len(ids) < n_seq * (T + 1):
+        raise ValueError(f"{text} has {len(ids)} tokens; need {n_seq * (T + 1)}")
+    batch = torch.tensor(ids[: n_seq * (T + 1)]).view(n_seq, T + 1)
+    x, y = batch[:, :-1], batch[:, 1:]
+    res, ref = {}, None
+    for form in ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
+        m = load_model(d).eval()
+        base = form.split("+")[0]
+        if base == "bf16":
+            m = m.to(torch.bfloat16)
+        elif base != "fp32":
+            quantize_model(m, base, skip=() if "+" in form else ("lm_head",))
+        with torch.no_grad():
+            logits = m(x).logits.float()
+        ref = logits if ref is None else ref
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+        res[form] = {"nll": round(nll, 4), "ppl": round(float(torch.tensor(nll).exp()), 3),
+                     "rel_l2": round(((logits - ref).norm() / ref.norm()).item(), 5),
+                     "top1_agree": round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)}
+        print("trained", form, res[form], flush=True)
+    return res
 
 
 def derived_bytes(eng: Engine) -> int:
@@ -134,15 +168,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--checkpoint", help="a trained checkpoint (or run dir) for the perplexity section")
+    ap.add_argument("--text", help="text file the perplexity section reads (with --checkpoint)")
+    ap.add_argument("--skip-small", action="store_true", help="only the --checkpoint section and the matvecs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_new, rounds, reps = (16, 2, 20) if args.quick else (64, 3, 100)
     cfg = preset("small")
-    out: dict = {"threads": args.threads, "memory": {}, "error": {}, "decode_tok_s": {}}
+    from moonlet.infer import fastpath
 
+    hooked = hasattr(fastpath, "cat_rows")  # docs/quant_fastpath_hook.diff applied: quantized weights stay quantized
+    out: dict = {"threads": args.threads, "fastpath_quant_hook": hooked, "memory": {}, "error": {}, "decode_tok_s": {}}
+    print(f"threads {args.threads}, fast path {'with' if hooked else 'without'} the quant hook", flush=True)
+
+    if args.checkpoint:
+        out["trained"] = trained(args.checkpoint, args.text)
     ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     ref = None
-    for form in ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
+    for form in () if args.skip_small else ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
         base = form.split("+")[0]
         m = build(base, skip=() if "+" in form else None)
         with torch.no_grad():
