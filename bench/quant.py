@@ -1,7 +1,8 @@
 """Weight-only INT8 / INT4 on the `small` preset: memory, logits error, decode speed, matvec kernels.
 
-One random `small` model (init_weights(seed=0), as bench/decode.py builds it) in four forms:
-fp32, bf16 (model.to(bfloat16)), int8 and int4 (quantize_model on the fp32 model; lm_head kept).
+One random `small` model (init_weights(seed=0), as bench/decode.py builds it) in six forms:
+fp32, bf16 (model.to(bfloat16)), int8 and int4 (quantize_model on the fp32 model; lm_head kept), and
+bf16/int8, bf16/int4 (quantize_model on the bf16 model: activations, embeddings, norms, lm_head bf16).
 
   memory      state bytes (parameters + buffers) as stored, accounting's prediction next to it, and
               the bytes the Engine's fast path derives on top (folded / fused copies; quantized
@@ -9,7 +10,8 @@ fp32, bf16 (model.to(bfloat16)), int8 and int4 (quantize_model on the fp32 model
   error       logits vs fp32 on 4 x 64 random tokens: relative L2 error, top-1 agreement; also int8 /
               int4 with lm_head quantized too (why it is kept by default)
   decode      tok/s at batch 1 through the Engine, 32-token prompt, greedy:
-              (time(1 + n new) - time(1 new)) / n, best of the rounds
+              n / (time(1 + n new) - time(1 new)), best of the rounds, the forms interleaved
+              round by round so they see the same machine load
   trained     with --checkpoint DIR --text FILE: the same forms of a trained checkpoint, mean NLL and
               perplexity on 8 x 256 tokens of FILE, logits error vs its fp32 (random weights exaggerate
               relative logit errors: their logits barely vary, so any rounding moves them a lot)
@@ -38,13 +40,27 @@ from moonlet.model import CausalLM
 from moonlet.model.quant import QuantWeight, dequantize, quantize_int4, quantize_int8, quantize_model, storage_bytes
 
 
-def build(form: str, skip=None) -> CausalLM:
-    m = CausalLM(preset("small")).init_weights(seed=0).eval()
-    if form == "bf16":
-        return m.to(torch.bfloat16)
-    if form in ("int8", "int4"):
-        quantize_model(m, form) if skip is None else quantize_model(m, form, skip=skip)
+FORMS = ("fp32", "bf16", "int8", "int4", "bf16/int8", "bf16/int4")  # decode + memory
+ERROR_FORMS = FORMS + ("int8+lm_head", "int4+lm_head")  # + the lm_head quantized too
+
+
+def parse_form(form: str) -> tuple[torch.dtype, str | None, bool]:
+    """"bf16/int4+lm_head" -> (float dtype of the rest, scheme, lm_head quantized too)."""
+    dtype = torch.bfloat16 if form.startswith("bf16") else torch.float32
+    scheme = "int8" if "int8" in form else "int4" if "int4" in form else None
+    return dtype, scheme, form.endswith("+lm_head")
+
+
+def apply_form(m: CausalLM, form: str) -> CausalLM:
+    dtype, scheme, lm_head = parse_form(form)
+    m = m.to(dtype)
+    if scheme:
+        quantize_model(m, scheme, skip=() if lm_head else ("lm_head",))
     return m
+
+
+def build(form: str) -> CausalLM:
+    return apply_form(CausalLM(preset("small")).init_weights(seed=0).eval(), form)
 
 
 def trained(ckpt: str, text: str, n_seq: int = 8, T: int = 256) -> dict:
@@ -59,13 +75,8 @@ def trained(ckpt: str, text: str, n_seq: int = 8, T: int = 256) -> dict:
     batch = torch.tensor(ids[: n_seq * (T + 1)]).view(n_seq, T + 1)
     x, y = batch[:, :-1], batch[:, 1:]
     res, ref = {}, None
-    for form in ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
-        m = load_model(d).eval()
-        base = form.split("+")[0]
-        if base == "bf16":
-            m = m.to(torch.bfloat16)
-        elif base != "fp32":
-            quantize_model(m, base, skip=() if "+" in form else ("lm_head",))
+    for form in ERROR_FORMS:
+        m = apply_form(load_model(d).eval(), form)
         with torch.no_grad():
             logits = m(x).logits.float()
         ref = logits if ref is None else ref
@@ -106,19 +117,22 @@ def derived_bytes(eng: Engine) -> int:
     return total
 
 
-def decode_tps(eng: Engine, n_new: int, rounds: int) -> float:
-    prompt = torch.randint(0, eng.cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+def decode_tps(engines: dict[str, Engine], n_new: int, rounds: int) -> dict[str, float]:
+    """Best-of-rounds tok/s per engine, the engines interleaved round by round (same load for all)."""
+    prompt = torch.randint(0, preset("small").vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    def run(n):
+    def run(eng, n):
         t = time.perf_counter()
         eng.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
         return time.perf_counter() - t
 
-    run(4)  # warm-up
-    best = float("inf")
+    best = {}
+    for eng in engines.values():
+        run(eng, 4)  # warm-up
     for _ in range(rounds):
-        best = min(best, run(1 + n_new) - run(1))
-    return n_new / best
+        for name, eng in engines.items():
+            best[name] = min(best.get(name, float("inf")), run(eng, 1 + n_new) - run(eng, 1))
+    return {name: round(n_new / b, 1) for name, b in best.items()}
 
 
 def time_us(fn, reps: int) -> float:
@@ -168,12 +182,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--rounds", type=int, help="decode rounds (default 3, --quick 2)")
     ap.add_argument("--checkpoint", help="a trained checkpoint (or run dir) for the perplexity section")
     ap.add_argument("--text", help="text file the perplexity section reads (with --checkpoint)")
     ap.add_argument("--skip-small", action="store_true", help="only the --checkpoint section and the matvecs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n_new, rounds, reps = (16, 2, 20) if args.quick else (64, 3, 100)
+    rounds = args.rounds or rounds
     cfg = preset("small")
     from moonlet.infer import fastpath
 
@@ -184,29 +200,33 @@ def main() -> None:
     if args.checkpoint:
         out["trained"] = trained(args.checkpoint, args.text)
     ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
-    ref = None
-    for form in () if args.skip_small else ("fp32", "bf16", "int8", "int4", "int8+lm_head", "int4+lm_head"):
-        base = form.split("+")[0]
-        m = build(base, skip=() if "+" in form else None)
+    ref, engines = None, {}
+    for form in () if args.skip_small else ERROR_FORMS:
+        m = build(form)
         with torch.no_grad():
             logits = m(ids).logits.float()
         if ref is None:
             ref = logits
         out["error"][form] = {"rel_l2": round(((logits - ref).norm() / ref.norm()).item(), 5),
                               "top1_agree": round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)}
-        if "+" in form:
+        if form not in FORMS:
             continue
         eng = Engine(m, max_batch=1, max_seq=32 + n_new + 8)
-        predicted = (acc.quantized_weight_bytes(cfg, base, dtype="fp32")["total"] if base.startswith("int")
-                     else acc.weight_bytes(cfg, "fp32" if base == "fp32" else "bf16", include_mtp=True))
+        dtype, scheme, _ = parse_form(form)
+        width = "bf16" if dtype == torch.bfloat16 else "fp32"
+        predicted = (acc.quantized_weight_bytes(cfg, scheme, dtype=width)["total"] if scheme
+                     else acc.weight_bytes(cfg, width, include_mtp=True))
         out["memory"][form] = {"state_MiB": round(storage_bytes(m) / 2**20, 1),
                                "accounting_MiB": round(predicted / 2**20, 1),
                                "fastpath_extra_MiB": round(derived_bytes(eng) / 2**20, 1)}
-        out["decode_tok_s"][form] = round(decode_tps(eng, n_new, rounds), 1)
-        print(form, out["memory"][form], out["error"][form], f"decode b1 {out['decode_tok_s'][form]} tok/s", flush=True)
-        del eng, m
+        engines[form] = eng
+        print(form, out["memory"][form], out["error"][form], flush=True)
+    if engines:
+        out["decode_tok_s"] = decode_tps(engines, n_new, rounds)
+        print("decode b1 tok/s (best of rounds, interleaved):", out["decode_tok_s"], flush=True)
+        del engines, eng, m
 
-    shapes = sorted({(mod.shape[-2], mod.shape[-1]) for mod in build("int8").modules() if isinstance(mod, QuantWeight)})
+    shapes = sorted({(q.shape[-2], q.shape[-1]) for q in build("int8").modules() if isinstance(q, QuantWeight)})
     out["matvec_us"] = matvec(shapes + [(4096, 4096)], reps)
     cols = list(out["matvec_us"][0])
     print("matvec, one activation row, median us:")
