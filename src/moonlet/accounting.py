@@ -378,8 +378,8 @@ def quant_tensor_bytes(shape: tuple[int, ...], scheme: str, group_size: int = 32
 
 
 def quantized_weight_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32, dtype: str = "bf16",
-                           skip=None) -> dict[str, float]:
-    """Weight memory after `moonlet.model.quant.quantize_model(model, scheme, group_size, skip)` of a
+                           skip=None, experts_only: bool = False) -> dict[str, float]:
+    """Weight memory after `moonlet.model.quant.quantize_model(model, scheme, group_size, skip, experts_only)` of a
     model whose float tensors are `dtype`: {"quantized", "float", "total"} bytes, MTP included, scales
     counted. The tensors are enumerated on the meta device (nothing allocated), so this is exactly the
     set quantize_model replaces; float32-pinned buffers (the router's correction bias) count 4 bytes.
@@ -391,7 +391,7 @@ def quantized_weight_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32, 
 
     with torch.device("meta"):
         model = CausalLM(cfg)
-    targets, _ = quant_targets(model, scheme, group_size, DEFAULT_SKIP if skip is None else skip)
+    targets, _ = quant_targets(model, scheme, group_size, DEFAULT_SKIP if skip is None else skip, experts_only)
     replaced, q_bytes = set(), 0
     for name, mod in targets.items():
         for pname, p in mod.named_parameters(prefix=name):

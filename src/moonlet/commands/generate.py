@@ -37,15 +37,17 @@ def add_quantize_args(g) -> None:
                         "(embeddings, norms, router and lm_head stay in --dtype)")
     g.add_argument("--quant-group-size", type=int, default=32, metavar="G",
                    help="int4 group size along the input dim (default 32, as Kimi-K2-Thinking)")
+    g.add_argument("--quant-experts-only", action="store_true",
+                   help="quantize only the routed experts (Kimi-K2-Thinking's INT4 recipe; the rest stays in --dtype)")
 
 
-def quantize_engine(eng, scheme: str | None, group_size: int = 32) -> None:
+def quantize_engine(eng, scheme: str | None, group_size: int = 32, experts_only: bool = False) -> None:
     """Quantize a loaded engine's model in place (and re-derive the fast path's weights); prints the saving."""
     if not scheme:
         return
     from ..model.quant import quantize_model
 
-    report = quantize_model(eng.model, scheme, group_size=group_size)
+    report = quantize_model(eng.model, scheme, group_size=group_size, experts_only=experts_only)
     if eng.fast is not None:
         eng.fast.refresh()
     print(f"[quantized {report.summary()}]", file=sys.stderr)
@@ -69,7 +71,8 @@ def load_engine(args):
         torch.set_num_threads(args.threads)
     eng = Engine.from_pretrained(args.checkpoint, dtype=args.dtype, max_batch=1, max_seq=args.max_seq,
                                  speculative=args.speculative)
-    quantize_engine(eng, getattr(args, "quantize", None), getattr(args, "quant_group_size", 32))
+    quantize_engine(eng, getattr(args, "quantize", None), getattr(args, "quant_group_size", 32),
+                    getattr(args, "quant_experts_only", False))
     return eng
 
 

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     kw = {"max_seq": args.max_seq} if args.max_seq else {}
     engine = Engine.from_pretrained(str(ckpt), dtype=args.dtype, max_batch=args.max_batch, **kw)
-    quantize_engine(engine, args.quantize, args.quant_group_size)
+    quantize_engine(engine, args.quantize, args.quant_group_size, args.quant_experts_only)
     if engine.tokenizer is None:
         raise ValueError(f"{ckpt} has no tokenizer.json: the server needs the checkpoint's tokenizer "
                          "(moonlet tokenizer train, then copy tokenizer.json + tokenizer_config.json there)")

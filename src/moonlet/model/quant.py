@@ -348,12 +348,13 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or name.endswith("." + p) for p in patterns)
 
 
-def quant_targets(model: nn.Module, scheme: str, group_size: int = 32, skip=DEFAULT_SKIP
+def quant_targets(model: nn.Module, scheme: str, group_size: int = 32, skip=DEFAULT_SKIP, experts_only: bool = False
                   ) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Which modules quantize_model would replace -> ({name: Linear|Experts}, {name: reason kept}).
 
     skip: module names or fnmatch patterns ("lm_head", "*.kv_b_proj", "mtp.*"); a pattern also
-    matches any dotted suffix. Shared by quantize_model and moonlet.accounting (so both agree).
+    matches any dotted suffix. experts_only: only the routed experts (Kimi-K2-Thinking's recipe:
+    INT4 experts, everything else bf16). Shared by quantize_model and moonlet.accounting.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; choose one of: {', '.join(SCHEMES)}")
@@ -367,6 +368,8 @@ def quant_targets(model: nn.Module, scheme: str, group_size: int = 32, skip=DEFA
             continue
         if _matches(name, skip):
             kept[name] = "skipped by request"
+        elif experts_only and not isinstance(mod, Experts):
+            kept[name] = "experts only"
         elif isinstance(mod, nn.Linear) and id(mod.weight) in tied:
             kept[name] = "tied to the embedding"
         elif scheme == "int4" and any(w.shape[-1] % group_size for w in _weights(mod)):
@@ -392,17 +395,19 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, skip=DEFAULT_SKIP) -> QuantReport:
+def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, skip=DEFAULT_SKIP,
+                   experts_only: bool = False) -> QuantReport:
     """Replace the model's Linear and Experts weights by `scheme` ("int8" | "int4") in place.
 
     Embeddings, norms and the router stay in their float dtype (not Linears: small, and routing is
-    a discrete choice that rounding can flip); `skip` (default: lm_head) keeps more. Inference only.
+    a discrete choice that rounding can flip); `skip` (default: lm_head) keeps more, `experts_only`
+    keeps everything but the routed experts. Inference only.
     If the model has a cached derived form (moonlet.infer.fastpath.FastForward), call its refresh().
     """
     if any(isinstance(m, (QuantWeight, QuantExperts)) for m in model.modules()):
         raise ValueError("the model is already quantized")
     before = storage_bytes(model)
-    targets, kept = quant_targets(model, scheme, group_size, skip)
+    targets, kept = quant_targets(model, scheme, group_size, skip, experts_only)
     for name, mod in targets.items():
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
