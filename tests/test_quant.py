@@ -244,3 +244,18 @@ def test_experts_only_and_kimi_k2_int4_size():
     assert acc.quantized_weight_bytes(cfg, "int4", dtype="fp32", experts_only=True)["total"] == rep.bytes_after
     k2 = acc.quantized_weight_bytes(preset("kimi-k2"), "int4", dtype="bf16", experts_only=True)
     assert 590e9 < k2["total"] < 598e9
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quant_linear_bias_weight_and_state_dict(scheme):
+    lin = nn.Linear(64, 32, bias=True)
+    ql = QuantLinear(lin, scheme)
+    x = torch.randn(3, 5, 64)
+    ref = F.linear(x, ql.weight, lin.bias)  # .weight: the dequantized copy code like MLA.w_uk_uv reads
+    torch.testing.assert_close(ql(x), ref, rtol=2e-2, atol=2e-2)  # 15 rows: the kernel, bf16 activations
+    ql.kernel_max_rows = 0  # dequantize + F.linear: the same fp32 math as the reference
+    torch.testing.assert_close(ql(x), ref)
+    # the quantized state round-trips through state_dict into a module quantized from other weights
+    other = QuantLinear(nn.Linear(64, 32, bias=True), scheme)
+    other.load_state_dict(ql.state_dict())
+    assert torch.equal(other.weight, ql.weight) and torch.equal(other.bias, ql.bias)
