@@ -12,6 +12,7 @@ bf16/int8, bf16/int4 (quantize_model on the bf16 model: activations, embeddings,
   decode      tok/s at batch 1 through the Engine, 32-token prompt, greedy:
               n / (time(1 + n new) - time(1 new)), best of the rounds, the forms interleaved
               round by round so they see the same machine load
+  prefill     tok/s of a fresh 256-token prompt (+ 1 new token), interleaved the same way
   trained     with --checkpoint DIR --text FILE: the same forms of a trained checkpoint, mean NLL and
               perplexity on 8 x 256 tokens of FILE, logits error vs its fp32 (random weights exaggerate
               relative logit errors: their logits barely vary, so any rounding moves them a lot)
@@ -117,22 +118,27 @@ def derived_bytes(eng: Engine) -> int:
     return total
 
 
-def decode_tps(engines: dict[str, Engine], n_new: int, rounds: int) -> dict[str, float]:
-    """Best-of-rounds tok/s per engine, the engines interleaved round by round (same load for all)."""
-    prompt = torch.randint(0, preset("small").vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+def speed(engines: dict[str, Engine], n_new: int, rounds: int, prefill_len: int = 256) -> dict[str, dict]:
+    """Best-of-rounds decode and prefill tok/s per engine, the engines interleaved round by round
+    (same load for all). Prefill: a fresh `prefill_len`-token prompt and one new token."""
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, preset("small").vocab_size, (32,), generator=g).tolist()
+    long_prompt = torch.randint(0, preset("small").vocab_size, (prefill_len,), generator=g).tolist()
 
-    def run(eng, n):
+    def run(eng, p, n):
         t = time.perf_counter()
-        eng.generate([prompt], SamplingParams(max_new_tokens=n, ignore_eos=True))
+        eng.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))
         return time.perf_counter() - t
 
-    best = {}
+    dec, pre = {}, {}
     for eng in engines.values():
-        run(eng, 4)  # warm-up
+        run(eng, prompt, 4)  # warm-up
     for _ in range(rounds):
         for name, eng in engines.items():
-            best[name] = min(best.get(name, float("inf")), run(eng, 1 + n_new) - run(eng, 1))
-    return {name: round(n_new / b, 1) for name, b in best.items()}
+            dec[name] = min(dec.get(name, float("inf")), run(eng, prompt, 1 + n_new) - run(eng, prompt, 1))
+            pre[name] = min(pre.get(name, float("inf")), run(eng, long_prompt, 1))
+    return {"decode_tok_s": {k: round(n_new / v, 1) for k, v in dec.items()},
+            "prefill_tok_s": {k: round(prefill_len / v) for k, v in pre.items()}}
 
 
 def time_us(fn, reps: int) -> float:
@@ -211,7 +217,7 @@ def main() -> None:
                               "top1_agree": round((logits.argmax(-1) == ref.argmax(-1)).float().mean().item(), 4)}
         if form not in FORMS:
             continue
-        eng = Engine(m, max_batch=1, max_seq=32 + n_new + 8)
+        eng = Engine(m, max_batch=1, max_seq=max(256, 32 + n_new) + 8)
         dtype, scheme, _ = parse_form(form)
         width = "bf16" if dtype == torch.bfloat16 else "fp32"
         predicted = (acc.quantized_weight_bytes(cfg, scheme, dtype=width)["total"] if scheme
@@ -222,8 +228,9 @@ def main() -> None:
         engines[form] = eng
         print(form, out["memory"][form], out["error"][form], flush=True)
     if engines:
-        out["decode_tok_s"] = decode_tps(engines, n_new, rounds)
+        out.update(speed(engines, n_new, rounds))
         print("decode b1 tok/s (best of rounds, interleaved):", out["decode_tok_s"], flush=True)
+        print("prefill tok/s, 256-token prompt:", out["prefill_tok_s"], flush=True)
         del engines, eng, m
 
     shapes = sorted({(q.shape[-2], q.shape[-1]) for q in build("int8").modules() if isinstance(q, QuantWeight)})
