@@ -9,9 +9,9 @@ stores them):
 Every element is then within s/2 of its dequantized value q * s.
 
 Forward: with at most `kernel_max_rows` activation rows on CPU, torch's fused kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations: 1.5-3x faster than fp32
-F.linear at batch 1, where dequantizing + F.linear is 3-30x slower (LOG 2026-12-02; the int8 kernel
-with fp32 activations is slow too). With more rows (prefill), dequantize to the activation dtype and
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) with bf16 activations: at one row on par with
+fp32 F.linear at `small`'s cache-resident shapes and 2-3x faster at 4096x4096, where dequantizing +
+F.linear is 3-16x slower than fp32 (LOG 2026-12-02; the int8 kernel with fp32 activations is slow too). With more rows (prefill), dequantize to the activation dtype and
 F.linear. On CPU an int4 weight whose row count suits the kernel (N % 16 == 0, group 32..256) is
 stored directly in torch's ISA-specific packed layout (same bytes: N x K/2); the layout is probed once
 per row count and checked on every weight, so it dequantizes exactly back to the format above.
@@ -119,18 +119,23 @@ def _int4pack_blocks(N: int) -> tuple[list[tuple[int, int]], torch.Tensor] | Non
         digit = ((n >> (4 * d)) & 15).contiguous()
         row += _nibbles(torch._convert_weight_to_int4pack_for_cpu(digit, 1).flatten()).long() << (4 * d)
     blocks, pos = [], 0
-    while pos < 2 * N:
-        nb = int((cols[pos:] != 0).int().argmax()) if (cols[pos:] != 0).any() else 0
-        if nb == 0 or not (cols[pos + nb:pos + 2 * nb] == 1).all() or not torch.equal(row[pos:pos + nb], row[pos + nb:pos + 2 * nb]):
+    while pos < 2 * N:  # a block: its nb column-0 nibbles, then the same rows' column-1 nibbles
+        ones = (cols[pos:] == 1).nonzero()
+        nb = int(ones[0]) if len(ones) else 0
+        same_rows = torch.equal(row[pos:pos + nb], row[pos + nb:pos + 2 * nb])
+        if nb == 0 or not bool((cols[pos + nb:pos + 2 * nb] == 1).all()) or not same_rows:
             return None
         blocks.append((nb, row[pos:pos + nb].clone()))
         pos += 2 * nb
     rows = torch.cat([r for _, r in blocks])
     if not torch.equal(rows.sort().values, torch.arange(N)):
         return None
-    runs: list[tuple[int, int]] = []
+    runs: list[tuple[int, int]] = []  # consecutive blocks of one size, viewed together when decoding
     for nb, _ in blocks:
-        runs[-1:] = [(runs[-1][0] + 1, nb)] if runs and runs[-1][1] == nb else runs[-1:] + [(1, nb)]
+        if runs and runs[-1][1] == nb:
+            runs[-1] = (runs[-1][0] + 1, nb)
+        else:
+            runs.append((1, nb))
     return runs, torch.empty(N, dtype=torch.int64).index_put_((rows,), torch.arange(N))
 
 
@@ -173,7 +178,8 @@ class QuantWeight(nn.Module):
     `dtype` is the float dtype it dequantizes to (the original weight's; follows model.to(dtype)).
     """
 
-    kernel_max_rows = 16  # int8: activation rows up to which _weight_int8pack_mm beats dequant + F.linear
+    # activation rows up to which the fused kernels run (they beat dequantize + F.linear up to ~32-64 rows here)
+    kernel_max_rows = 16
 
     def __init__(self, w: torch.Tensor, scheme: str, group_size: int = 32):
         super().__init__()
@@ -230,7 +236,7 @@ class QuantWeight(nn.Module):
         K = x.shape[-1]
         rows = x.numel() // K
         N = q.shape[0]
-        if x.device.type == "cpu" and rows <= self.kernel_max_rows:
+        if x.device.type == "cpu" and 0 < rows <= self.kernel_max_rows:
             xb = x.reshape(rows, K).to(torch.bfloat16)
             if self.scheme == "int8":
                 return torch._weight_int8pack_mm(xb, q, s).to(x.dtype).view(*x.shape[:-1], N)
