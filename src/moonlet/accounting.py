@@ -357,10 +357,55 @@ def weight_bytes(cfg: ModelConfig, dtype: str | float = "bf16", include_mtp: boo
 
     A plain width x count: quantization scales and tensors kept wider in practice (norms, the
     correction bias, often embeddings and router) are not modelled; they change the total by < 1%
-    for the big presets.
+    for the big presets. `quantized_weight_bytes` gives the exact figure for moonlet's int8/int4.
     """
     n = param_counts(cfg)["total_with_mtp" if include_mtp else "total"]
     return n * dtype_bytes(dtype)
+
+
+def quant_tensor_bytes(shape: tuple[int, ...], scheme: str, group_size: int = 32) -> int:
+    """Bytes of one weight [..., N, K] in moonlet.model.quant's formats: int8 = 1 byte per element + a
+    bf16 scale per output row; int4 = half a byte per element + a bf16 scale per group_size inputs."""
+    *lead, N, K = shape
+    rows = N
+    for d in lead:
+        rows *= d
+    if scheme == "int8":
+        return rows * K + rows * 2
+    if scheme == "int4":
+        return rows * K // 2 + rows * (K // group_size) * 2
+    raise ValueError(f"unknown quantization {scheme!r}; choose one of: int8, int4")
+
+
+def quantized_weight_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32, dtype: str = "bf16",
+                           skip=None, experts_only: bool = False) -> dict[str, float]:
+    """Weight memory after `moonlet.model.quant.quantize_model(model, scheme, group_size, skip, experts_only)` of a
+    model whose float tensors are `dtype`: {"quantized", "float", "total"} bytes, MTP included, scales
+    counted. The tensors are enumerated on the meta device (nothing allocated), so this is exactly the
+    set quantize_model replaces; float32-pinned buffers (the router's correction bias) count 4 bytes.
+    """
+    import torch
+
+    from .model import CausalLM
+    from .model.quant import DEFAULT_SKIP, quant_targets
+
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    targets, _ = quant_targets(model, scheme, group_size, DEFAULT_SKIP if skip is None else skip, experts_only)
+    replaced, q_bytes = set(), 0
+    for name, mod in targets.items():
+        for pname, p in mod.named_parameters(prefix=name):
+            replaced.add(pname)
+            q_bytes += quant_tensor_bytes(tuple(p.shape), scheme, group_size)
+    width = dtype_bytes(dtype)
+    f_bytes, seen = 0.0, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in replaced or id(t) in seen:
+            continue
+        seen.add(id(t))
+        f_bytes += t.numel() * (4 if t.dtype == torch.float32 and name.endswith("e_score_correction_bias")
+                                else width if t.is_floating_point() else t.element_size())
+    return {"quantized": float(q_bytes), "float": f_bytes, "total": q_bytes + f_bytes}
 
 
 # ---- attention scale and YaRN (re-exported from the model so `info` has one import) -------------

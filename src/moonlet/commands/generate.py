@@ -27,6 +27,30 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding with K draft tokens per step (default K=1 when given)")
     g.add_argument("--max-seq", type=int, help="context length (default: the config's, at most 4096)")
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    add_quantize_args(g)
+
+
+def add_quantize_args(g) -> None:
+    """`--quantize int8|int4` and its group size (shared by generate, chat and serve)."""
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="weight-only quantization after loading: int8 per output channel, int4 group-wise "
+                        "(embeddings, norms, router and lm_head stay in --dtype)")
+    g.add_argument("--quant-group-size", type=int, default=32, metavar="G",
+                   help="int4 group size along the input dim (default 32, as Kimi-K2-Thinking)")
+    g.add_argument("--quant-experts-only", action="store_true",
+                   help="quantize only the routed experts (Kimi-K2-Thinking's INT4 recipe; the rest stays in --dtype)")
+
+
+def quantize_engine(eng, scheme: str | None, group_size: int = 32, experts_only: bool = False) -> None:
+    """Quantize a loaded engine's model in place (and re-derive the fast path's weights); prints the saving."""
+    if not scheme:
+        return
+    from ..model.quant import quantize_model
+
+    report = quantize_model(eng.model, scheme, group_size=group_size, experts_only=experts_only)
+    if eng.fast is not None:
+        eng.fast.refresh()
+    print(f"[quantized {report.summary()}]", file=sys.stderr)
 
 
 def sampling_params(args):
@@ -45,8 +69,11 @@ def load_engine(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return Engine.from_pretrained(args.checkpoint, dtype=args.dtype, max_batch=1, max_seq=args.max_seq,
-                                  speculative=args.speculative)
+    eng = Engine.from_pretrained(args.checkpoint, dtype=args.dtype, max_batch=1, max_seq=args.max_seq,
+                                 speculative=args.speculative)
+    quantize_engine(eng, getattr(args, "quantize", None), getattr(args, "quant_group_size", 32),
+                    getattr(args, "quant_experts_only", False))
+    return eng
 
 
 def register(subparsers) -> None:
