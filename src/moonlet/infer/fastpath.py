@@ -24,6 +24,7 @@ from ..config import ModelConfig
 from ..model import CausalLM, LayerCache
 from ..model.attention import MLA, causal_attention_blocked
 from ..model.moe import MLP, MoE
+from ..model.quant import QuantWeight, cat_rows, linear
 from ..model.rope import apply_rope
 
 
@@ -39,20 +40,26 @@ class _Attn:
         H, dn, dr, dv, C = attn.n_heads, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
         w_uk, w_uv = attn.w_uk_uv()  # [H, dn, C], [H, dv, C]
         q_w = attn.q_proj.weight if attn.q_lora_rank is None else attn.q_b_proj.weight  # [H*(dn+dr), Q]
+        q_mod = attn.q_proj if attn.q_lora_rank is None else attn.q_b_proj
         Q = q_w.shape[1]
         q_w = q_w.view(H, dn + dr, Q)
         # fold W_UK into the query projection unless that costs over 2x the multiply-adds of applying
         # it per token (Q*C vs Q*dn + dn*C per head): at these sizes one matmul less beats a few FLOPs
-        self.fold_q = Q * C <= 2 * (Q * dn + dn * C)
-        if self.fold_q:
+        self.fold_q = Q * C <= 2 * (Q * dn + dn * C) and not isinstance(q_mod, QuantWeight)
+        if isinstance(q_mod, QuantWeight):  # quantized: the same row reordering, on the int rows (exact)
+            rows = torch.arange(H * (dn + dr)).view(H, dn + dr)
+            self.q_weight = q_mod.select_rows(torch.cat((rows[:, :dn].reshape(-1), rows[:, dn:].reshape(-1))))
+            self.w_uk = w_uk.contiguous()
+        elif self.fold_q:
             q_lat = torch.einsum("hdc,hdq->hcq", w_uk.float(), q_w[:, :dn].float()).to(q_w.dtype)
             self.q_weight = torch.cat((q_lat.reshape(H * C, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
         else:
             self.q_weight = torch.cat((q_w[:, :dn].reshape(H * dn, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
             self.w_uk = w_uk.contiguous()  # [H, dn, C]
-        o_w = attn.o_proj.weight  # [D, H*dv]
+        quant_o = isinstance(attn.o_proj, QuantWeight)
+        o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
-        self.fold_o = D * C <= 2 * (D * dv + dv * C)  # the same rule for W_UV into o_proj
+        self.fold_o = D * C <= 2 * (D * dv + dv * C) and not quant_o  # the same rule for W_UV into o_proj
         if self.fold_o:
             self.o_weight = torch.einsum("ehv,hvc->ehc", o_w.view(D, H, dv).float(), w_uv.float()
                                          ).reshape(D, H * C).to(o_w.dtype).contiguous()
@@ -78,12 +85,14 @@ def _rope(x: torch.Tensor, rot: torch.Tensor | None, cos, sin, interleaved: bool
 
 
 def _fused_mlp(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(mlp.gate_proj, QuantWeight):
+        return cat_rows(mlp.gate_proj, mlp.up_proj), mlp.down_proj
     return torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous(), mlp.down_proj.weight
 
 
 def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(g) * u, down)
+    g, u = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(g) * u, down)
 
 
 class FastForward:
@@ -125,8 +134,8 @@ class FastForward:
             if N == 1:
                 y = None
                 for k, e in enumerate(flat.tolist()):
-                    h = F.silu(F.linear(x_ND, ex.gate_proj[e])) * F.linear(x_ND, ex.up_proj[e])
-                    o = F.linear(h, ex.down_proj[e]) * w[k]
+                    h = F.silu(linear(x_ND, ex.gate_proj, e)) * linear(x_ND, ex.up_proj, e)
+                    o = linear(h, ex.down_proj, e) * w[k]
                     y = o if y is None else y + o
             else:
                 order = flat.argsort()
@@ -137,8 +146,8 @@ class FastForward:
                 for e, n in enumerate(counts):
                     if n:
                         xe = xs[start:start + n]
-                        outs.append(F.linear(F.silu(F.linear(xe, ex.gate_proj[e])) * F.linear(xe, ex.up_proj[e]),
-                                             ex.down_proj[e]))
+                        outs.append(linear(F.silu(linear(xe, ex.gate_proj, e)) * linear(xe, ex.up_proj, e),
+                                           ex.down_proj, e))
                         start += n
                 ys = torch.cat(outs) * w.index_select(0, order)
                 y = torch.zeros_like(x_ND).index_add_(0, token, ys)
@@ -152,7 +161,7 @@ class FastForward:
         B, T, _ = x_BTD.shape
         H, C, dr = m.n_heads, m.kv_lora_rank, m.rope_dim
         cq = x_BTD if m.q_lora_rank is None else _norm(m.q_a_layernorm, m.q_a_proj(x_BTD))
-        q = F.linear(cq, a.q_weight)
+        q = linear(cq, a.q_weight)
         qn = q[..., : q.shape[-1] - H * dr].view(B, T, H, -1)
         q_pe = _rope(q[..., q.shape[-1] - H * dr:].view(B, T, H, dr), None if rot is None else rot[:, :, None],
                      cos, sin, m.interleaved)
@@ -178,8 +187,8 @@ class FastForward:
             o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(B, T, H, C).to(x_BTD.dtype)
         if a.fold_o:
             return F.linear(o.reshape(B, T, H * C), a.o_weight, a.o_bias)
-        o = torch.einsum("bthc,hcv->bthv", o, a.w_uv)
-        return F.linear(o.reshape(B, T, -1), a.o_weight, a.o_bias)
+        o = linear(torch.einsum("bthc,hcv->bthv", o, a.w_uv).reshape(B, T, -1), a.o_weight)
+        return o if a.o_bias is None else o + a.o_bias
 
     def _naive_prefill(self, a: _Attn, x_BTD, cos, sin, lat) -> torch.Tensor:
         m = a.m
