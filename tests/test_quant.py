@@ -259,3 +259,13 @@ def test_quant_linear_bias_weight_and_state_dict(scheme):
     other = QuantLinear(nn.Linear(64, 32, bias=True), scheme)
     other.load_state_dict(ql.state_dict())
     assert torch.equal(other.weight, ql.weight) and torch.equal(other.bias, ql.bias)
+
+
+def test_saving_a_quantized_model_is_refused(tmp_path):
+    from moonlet.model.quant import quantize_model
+
+    m = CausalLM(preset("tiny")).init_weights(seed=0).eval()
+    quantize_model(m, "int8")
+    with pytest.raises(ValueError, match="cannot save a weight-only quantized model"):
+        m.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()

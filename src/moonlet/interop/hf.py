@@ -319,6 +319,12 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     `path` that are not weights or config (tokenizer, trainer state, ...) are carried over.
     dtype: cast floating tensors (None keeps each tensor's dtype). mtp=False leaves MTP depths out.
     for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load."""
+    from ..model.quant import QuantExperts, QuantWeight
+
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantWeight, QuantExperts))]
+    if quantized:  # its int layout is machine-specific; writing dequantized weights would hide the loss
+        raise ValueError(f"cannot save a weight-only quantized model ({len(quantized)} quantized modules, e.g. "
+                         f"{quantized[0]}): save the float model and pass --quantize when loading it")
     if for_transformers:
         from .hf_compat import check_hf_exportable
 
