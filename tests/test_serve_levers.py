@@ -63,7 +63,8 @@ def test_lever_checkpoint_serves_like_the_engine_and_the_model(lever, tokenizer_
     questions = ["What is 2 + 3?", "Tell me about the quick brown fox and the lazy dog."]
     msgs = [[{"role": "user", "content": q}] for q in questions]
     prompts = [tok.apply_chat_template(m, add_generation_prompt=True) for m in msgs]
-    assert max(map(len, prompts)) > cfg.index_topk if lever == "dsa" else True
+    if lever == "dsa":
+        assert min(map(len, prompts)) > cfg.index_topk  # sparse from the prefill on
     params = SamplingParams(max_new_tokens=N_NEW, temperature=0.0, ignore_eos=True)
     ref = engine.generate(prompts, params)  # the Engine alone, before it serves
     for p, r in zip(prompts, ref):
