@@ -1,14 +1,20 @@
 """Ablation of the efficiency levers on the `tiny` preset: the same tokens for every variant.
 
-Variants (each one change from the MoE + MLA baseline, plus all levers together; MuonClip for all):
-  dense    (a) dense SwiGLU FFN in every layer (no MoE), MLA
+Variants: (c)-(f) are each ONE change from (b); "all" is every lever together. AdamW unless marked.
+  dense    (a) dense SwiGLU FFN (intermediate 384 = the MoE layers' active width, 2 routed + 1 shared
+               x 128) in every layer + MHA-equivalent attention: q_lora_rank None (plain q_proj) and
+               kv_lora_rank 256 = heads x (nope + v), so the KV "latent" is a full-rank projection and
+               no bottleneck; reported with the per-head K/V cache an MHA model holds (the module
+               itself still caches the 272-wide latent, which here saves nothing worth reporting)
   base     (b) the `tiny` preset: MoE (8 routed experts, top-2, + 1 shared) + MLA + MTP
-  mhc      (c) + mHC, 4 residual streams (hc_mult 4)
-  engram   (d) + Engram at layer 1 (2- and 3-grams, 4 heads per order, ~5k-row tables)
-  dsa      (e) + DSA (4 index heads x 32 dims, top-64 of the 256-token context), trained from scratch in
-               the sparse stage (the indexer learns from its KL alongside the LM loss)
-  all      + mHC + Engram + DSA
-(f) MuonClip vs AdamW is bench/optim.py's table (bench/RESULTS.md), not re-run here.
+  mhc      (c) (b) + mHC, 4 residual streams (hc_mult 4; mHC parameters always on AdamW)
+  engram   (d) (b) + Engram at layer 1 (2- and 3-grams, 4 heads per order, ~5k-row tables)
+  dsa      (e) (b) + DSA (4 index heads x 32 dims, top-64 of the 256-token context), trained from
+               scratch in the sparse stage (the indexer learns from its KL alongside the LM loss)
+  muonclip (f) (b) trained with MuonClip (Muon + QK-clip, tau 100) instead of AdamW
+  all      (b) + mHC + Engram + DSA, with MuonClip
+Learning rates: each optimizer's best from the tiny sweep (docs/LOG.md 2026-11-24): AdamW 3e-3,
+MuonClip 1e-2 (--lr-adamw, --lr-muon).
 
 Every variant starts from its own seeded init, sees the same batches in the same order (same loader
 seed), and is stepped in lockstep with the others (one step of each in turn), so tokens/s ratios
@@ -17,7 +23,7 @@ share the machine's load. Validation: the first --eval-batches batches of the he
 token come from `moonlet.accounting` (which counts the levers). Results go to a JSON file; --report
 rebuilds docs/ablation.md and the plot from it.
 
-    python bench/ablation.py                        # ~25 min on 1 busy core: 6 variants x 150 steps
+    python bench/ablation.py                        # 7 variants x 150 steps x 8 x 256, about 1 h on a busy core
     python bench/ablation.py --seeds 0 1            # two seeds
     python bench/ablation.py --report               # only rewrite docs/ablation.md from the JSON
 """
@@ -51,14 +57,18 @@ ENGRAM = dict(engram_layers=[1], engram_max_ngram=3, engram_heads_per_order=4, e
               engram_table_size=5000)
 MHC = dict(hc_mult=4)
 DSA = dict(model_type="deepseek_v32", index_n_heads=4, index_head_dim=32, index_topk=64)
-VARIANTS: dict[str, tuple[str, dict]] = {
-    "dense": ("(a) dense FFN + MLA", dict(n_routed_experts=None)),
-    "base": ("(b) MoE + MLA (tiny)", {}),
-    "mhc": ("(c) + mHC (n=4)", MHC),
-    "engram": ("(d) + Engram (layer 1)", ENGRAM),
-    "dsa": ("(e) + DSA (top-64 of 256)", DSA),
-    "all": ("+ mHC + Engram + DSA", {**MHC, **ENGRAM, **DSA}),
+DENSE_MHA = dict(n_routed_experts=None, intermediate_size=384, q_lora_rank=None, kv_lora_rank=256)
+# name -> (label, config changes from `tiny`, optimizer)
+VARIANTS: dict[str, tuple[str, dict, str]] = {
+    "dense": ("(a) dense FFN + MHA-equivalent attn", DENSE_MHA, "adamw"),
+    "base": ("(b) MoE + MLA (tiny)", {}, "adamw"),
+    "mhc": ("(c) (b) + mHC (n=4)", MHC, "adamw"),
+    "engram": ("(d) (b) + Engram (layer 1)", ENGRAM, "adamw"),
+    "dsa": ("(e) (b) + DSA (top-64 of 256)", DSA, "adamw"),
+    "muonclip": ("(f) (b) + MuonClip", {}, "muonclip"),
+    "all": ("all: (b) + mHC + Engram + DSA + MuonClip", {**MHC, **ENGRAM, **DSA}, "muonclip"),
 }
+NAIVE_CACHE = {"dense"}  # variants whose cache column is the per-head K/V an MHA model holds
 
 
 def data(work: Path) -> tuple[Tokenizer, TokenStream, TokenStream]:
@@ -82,31 +92,36 @@ def variant_config(name: str, tok: Tokenizer) -> ModelConfig:
                                   pad_token_id=tok.pad_id, **VARIANTS[name][1])
 
 
-def accounting(cfg: ModelConfig, seq_len: int) -> dict:
+def accounting(cfg: ModelConfig, seq_len: int, cache_form: str = "latent") -> dict:
     pc = acc.param_counts(cfg)
     return {
         "params_total": pc["total"], "params_active": pc["active"],
         "params_engram_tables": pc.get("engram_tables", 0),
         "train_flops_per_token": acc.flops_per_token(cfg, seq_len, training=True, include_mtp=True),
-        "cache_bytes_per_token_bf16": acc.kv_cache_bytes_per_token(cfg, 2),
+        "cache_bytes_per_token_bf16": acc.kv_cache_bytes_per_token(cfg, 2, form=cache_form),
     }
 
 
 def run(a) -> dict:
     torch.set_num_threads(a.threads)
     tok, train_s, val_s = data(Path(a.work))
-    results = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ]
+    results = {"command": " ".join([*env, Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "conditions": {"threads": a.threads, "cpu": platform.processor() or platform.machine(),
                               "cores": os.cpu_count(), "load_avg_start": os.getloadavg(), "torch": torch.__version__},
                "settings": {k: v for k, v in vars(a).items() if k not in ("report",)},
                "train_tokens": a.steps * a.batch_size * a.seq_len, "val_tokens": len(val_s), "runs": []}
+    results["seed_runs"] = {}
     for seed in a.seeds:
+        results["seed_runs"][str(seed)] = {"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                           "load_avg_start": os.getloadavg()}
         trainers = {}
         for name in a.variants:
             cfg = variant_config(name, tok)
             model = CausalLM(cfg).init_weights(seed=seed)
-            args = TrainArgs(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, optimizer="muonclip",
-                             lr=a.lr, warmup_steps=max(1, a.steps // 10), min_lr_ratio=0.05, log_interval=10,
+            opt = VARIANTS[name][2]
+            args = TrainArgs(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, optimizer=opt,
+                             lr=a.lr_adamw if opt == "adamw" else a.lr_muon, warmup_steps=max(1, a.steps // 10), min_lr_ratio=0.05, log_interval=10,
                              eval_interval=0, eval_batches=a.eval_batches, seed=seed)
             tl = PackedTextLoader(train_s, a.batch_size, a.seq_len, seed=seed, mtp_depth=cfg.num_nextn_predict_layers)
             vl = PackedTextLoader(val_s, a.batch_size, a.seq_len, shuffle=False)
@@ -145,6 +160,7 @@ def run(a) -> dict:
             s = state[n]
             results["runs"].append({
                 "variant": n, "label": VARIANTS[n][0], "seed": seed, "changes": VARIANTS[n][1],
+                "optimizer": tr.args.optimizer, "lr": tr.args.lr,
                 "val_loss": s["curve"][-1]["val_loss"], "curve": s["curve"],
                 "train_ce_last10": sum(s["ce"][-10:]) / 10, "train_time_s": s["train_time"],
                 "tokens_per_s": a.steps * a.batch_size * a.seq_len / s["train_time"],
@@ -153,6 +169,7 @@ def run(a) -> dict:
                                                          "index_topk")},
             })
         print(f"seed {seed} done in {time.perf_counter() - t_all:.0f}s", flush=True)
+        results["seed_runs"][str(seed)].update(wall_s=time.perf_counter() - t_all, load_avg_end=os.getloadavg())
         results["conditions"]["load_avg_end"] = os.getloadavg()
         _save(results, Path(a.json))  # after each seed: a killed run keeps what it finished
     return results
@@ -174,13 +191,13 @@ def report(results: dict, doc: Path, plot: Path) -> None:
         by.setdefault(r["variant"], []).append(r)
     names = [n for n in VARIANTS if n in by]
     base = by.get("base")
-    base_val = sum(r["val_loss"] for r in base) / len(base) if base else None
+    base_by_seed = {r["seed"]: r["val_loss"] for r in base} if base else {}
     base_tps = sum(r["tokens_per_s"] for r in base) / len(base) if base else None
     rows = []
     for n in names:
         rs = by[n]
         cfg = variant_config(n, tok)
-        ac = accounting(cfg, seq_len)
+        ac = accounting(cfg, seq_len, "naive" if n in NAIVE_CACHE else "latent")
         vals = [r["val_loss"] for r in rs]
         mean = sum(vals) / len(vals)
         tps = sum(r["tokens_per_s"] for r in rs) / len(rs)
@@ -188,22 +205,28 @@ def report(results: dict, doc: Path, plot: Path) -> None:
     lines = []
     seeds = sorted({r["seed"] for r in results["runs"]})
     s = results["settings"]
-    lines.append("| variant | val loss" + (" (seeds " + ", ".join(map(str, seeds)) + ")" if len(seeds) > 1 else "")
-                 + " | vs base | params total / active | of which Engram tables | train GFLOP/token (incl. MTP) "
-                   "| cache B/token (bf16) | tok/s | vs base |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| variant | optimizer (lr) | val loss" + (" (seeds " + ", ".join(map(str, seeds)) + ")" if len(seeds) > 1
+                                                   else "") + " | vs (b), same seed | params total / active "
+                 "| of which Engram tables | train GFLOP/token (incl. MTP) | KV cache B/token (bf16) | tok/s | vs (b) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for n, rs, ac, vals, mean, tps in rows:
         v = " / ".join(f"{x:.4f}" for x in vals) + (f" (mean {mean:.4f})" if len(vals) > 1 else "")
-        dv = f"{mean - base_val:+.4f}" if base_val is not None else ""
+        deltas = [r["val_loss"] - base_by_seed[r["seed"]] for r in rs if r["seed"] in base_by_seed]
+        dv = " / ".join(f"{d:+.4f}" for d in deltas) + (f" (mean {sum(deltas) / len(deltas):+.4f})"
+                                                         if len(deltas) > 1 else "")
         dt = f"{tps / base_tps:.2f}x" if base_tps else ""
-        lines.append(f"| {VARIANTS[n][0]} | {v} | {dv} | {ac['params_total'] / 1e6:.2f}M / {ac['params_active'] / 1e6:.2f}M"
+        opt = VARIANTS[n][2]
+        lr = rs[0].get("lr", s.get("lr_adamw") if opt == "adamw" else s.get("lr_muon", s.get("lr")))
+        cache = f"{ac['cache_bytes_per_token_bf16']:,}" + (" (per-head K/V)" if n in NAIVE_CACHE else "")
+        lines.append(f"| {VARIANTS[n][0]} | {'MuonClip' if opt == 'muonclip' else 'AdamW'} ({lr:g}) | {v} | {dv} "
+                     f"| {ac['params_total'] / 1e6:.2f}M / {ac['params_active'] / 1e6:.2f}M"
                      f" | {ac['params_engram_tables'] / 1e6:.2f}M | {ac['train_flops_per_token'] / 1e9:.4f} | "
-                     f"{ac['cache_bytes_per_token_bf16']:,} | {tps:,.0f} | {dt} |")
+                     f"{cache} | {tps:,.0f} | {dt} |")
     table = "\n".join(lines)
     _plot(rows, plot, seq_len)
     c = results["conditions"]
     header = (f"{results['train_tokens']:,} training tokens per run ({s['steps']} steps x {s['batch_size']} x "
-              f"{s['seq_len']}), MuonClip lr {s['lr']:g} (warmup {max(1, s['steps'] // 10)} steps, cosine to 5%), "
+              f"{s['seq_len']}), warmup {max(1, s['steps'] // 10)} steps then cosine to 5% of the lr, "
               f"validation at the end on "
               + (f"the whole held-out split ({results['val_tokens']:,} tokens)" if not s.get("final_eval_batches") else
                  f"the first {s['final_eval_batches'] * s['batch_size'] * s['seq_len']:,} tokens of the held-out split "
@@ -212,7 +235,9 @@ def report(results: dict, doc: Path, plot: Path) -> None:
               f"{c.get('load_avg_end', [float('nan')])[0]:.1f} at the end (shared machine), started {results['started']}.")
     if "seed_runs" in results:
         header += " Seeds run one after the other: " + "; ".join(
-            f"seed {k} started {v['started']}, {v['wall_s'] / 60:.0f} min wall" for k, v in results["seed_runs"].items()) + "."
+            f"seed {k} started {v['started']}, {v['wall_s'] / 60:.0f} min wall"
+            + (f", load average {v['load_avg_start'][0]:.1f} -> {v['load_avg_end'][0]:.1f}" if "load_avg_end" in v else "")
+            for k, v in results["seed_runs"].items()) + "."
     reading = _READING
     if doc.exists() and "\n## Reading" in doc.read_text():  # keep a hand-written reading when regenerating
         reading = "## Reading" + doc.read_text().split("\n## Reading", 1)[1]
@@ -228,6 +253,7 @@ def _plot(rows, path: Path, seq_len: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    top = 0.0  # zoom on the trained part: the step-0 point (~8.4 for all) falls off the top
     for n, rs, ac, *_ in rows:
         for i, r in enumerate(rs):
             cur = [p for p in r["curve"] if p["val_loss"] is not None]
@@ -235,6 +261,7 @@ def _plot(rows, path: Path, seq_len: int) -> None:
             xs = [p["tokens"] * ac["train_flops_per_token"] / 1e12 for p in cur]
             ts = [p["train_time_s"] / 60 for p in cur]
             ys = [p["val_loss"] for p in cur]
+            top = max([top, *(p["val_loss"] for p in cur if p["step"] > 0)])
             kw = dict(label=VARIANTS[n][0] if i == 0 else None, color=f"C{list(VARIANTS).index(n)}",
                       ls="-" if i == 0 else "--", marker=".")
             ax1.plot(xs, ys, **kw)
@@ -244,17 +271,33 @@ def _plot(rows, path: Path, seq_len: int) -> None:
     ax2.set_xlabel("training wall time (min, lockstep on a shared CPU)")
     for ax in (ax1, ax2):
         ax.set_ylabel("validation loss (nats/token)")
-        ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+        ax.set_ylim(top=top + 0.1)
         ax.grid(alpha=0.3)
     ax1.legend(fontsize=8)
-    fig.suptitle("tiny preset, same tokens per variant (dashed: second seed)")
+    fig.suptitle("tiny preset, same tokens per variant (dashed: second seed; step 0, ~8.4, above the top)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-_DOC = """# Ablation: DSA, mHC and Engram on the `tiny` preset
+_DOC = """# Ablation: dense/MHA vs MoE/MLA, mHC, Engram, DSA and MuonClip on the `tiny` preset
 
 {header}
+
+Scheme: (b) is the `tiny` preset (MoE + MLA + MTP) trained with AdamW; (c), (d), (e) and (f) each change
+ONE thing from (b) (mHC, Engram, DSA, or the optimizer: MuonClip instead of AdamW); (a) replaces both
+the MoE and MLA of (b) with a dense FFN and MHA-equivalent attention; "all" is (b) with every lever and
+MuonClip. Learning rates are each optimizer's best from the `tiny` sweep (docs/LOG.md 2026-11-24):
+AdamW 3e-3, MuonClip 1e-2 (tau 100). Every variant of a seed sees the same batches in the same order,
+so the "vs (b), same seed" column is a paired difference; the seed changes both init and data order.
+
+(a) in detail: every layer a dense SwiGLU FFN of width 384 (= the active width of a `tiny` MoE layer,
+2 routed + 1 shared expert x 128; the MoE model's first layer is dense at 512), and attention as an
+MHA-equivalent: MLA with q_lora_rank None (a plain q_proj) and kv_lora_rank 256 = heads x (nope + v
+dims), so K/V come out of a full-rank projection and the latent is no bottleneck (moonlet has no
+separate MHA module; the differences from textbook MHA are the RMSNorm on the 256-wide intermediate
+and MLA's 16-dim RoPE key shared by the heads). Its cache column is what an MHA model stores, per-head
+K and V (`kv_cache_bytes_per_token(form="naive")`): 4 heads x (48 + 32) values x 4 layers x 2 B; the
+module as implemented would cache its 272-wide latent, which compresses nothing here.
 
 Command (the JSON with every curve is `bench/ablation_results.json`; `--report` rebuilds this page):
 
@@ -267,8 +310,8 @@ Parameters, FLOPs and cache bytes come from `moonlet.accounting` (`moonlet info`
 its hashed rows (heads x orders rows of 32 values), so they count as active only through those. FLOPs
 are model FLOPs (matmuls, 3x forward for training, MTP included); DSA's are at the causal mean
 context of the 256-token rows (mean attended keys 56.1 instead of 128.5, plus the indexer's own
-scores over all 128.5). Cache bytes: MLA latent + DSA index keys + Engram decode state, all layers,
-bf16. tok/s is training throughput stepped in lockstep (same machine load for every variant).
+scores over all 128.5). Cache bytes: MLA latent (per-head K/V for (a)) + DSA index keys + Engram
+decode state, all layers, bf16. tok/s is training throughput stepped in lockstep (same machine load for every variant).
 
 ![validation loss vs training FLOPs and wall time]({plot})
 
@@ -294,7 +337,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--lr-adamw", type=float, default=3e-3, help="AdamW's lr (best of the tiny sweep, docs/LOG.md)")
+    ap.add_argument("--lr-muon", type=float, default=1e-2, help="MuonClip's lr (best of the tiny sweep)")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-batches", type=int, default=8, help="batches of the intermediate validation passes")
     ap.add_argument("--final-eval-batches", type=int, default=0, help="batches of the final pass (0: the whole split)")

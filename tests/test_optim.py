@@ -102,6 +102,24 @@ def test_param_groups():
     assert sum(len(g["params"]) for g in opt.param_groups) == 1
 
 
+def test_mhc_parameters_go_to_adamw():
+    """mHC's coefficient matrices `fn` are matrices but not Muon's (the mHC paper trains them with AdamW):
+    fn decayed, base/scale not; the sublayers they wrap keep Muon."""
+    model = CausalLM(preset("tiny").replace(hc_mult=4))
+    named = dict(model.named_parameters())
+    hc = [n for n in named if ".fn" in n or n.endswith((".base", ".scale"))]
+    assert any(n.endswith(".fn") for n in hc) and len(hc) % 3 == 0
+    groups = {k: {n for n, _ in v} for k, v in classify(model, use_muon=True).items()}
+    assert not [n for n in hc if n in groups["muon"]]
+    assert {n for n in hc if n.endswith(".fn")} <= groups["decay"]
+    assert {n for n in hc if not n.endswith(".fn")} <= groups["no_decay"]
+    assert "model.layers.0.self_attn.q_b_proj.weight" in groups["muon"]
+    opt = build_optimizer(model, "muonclip")
+    fn_name = next(n for n in hc if n.endswith(".fn"))
+    g = next(g for g in opt.param_groups if fn_name in g["names"])
+    assert not g["use_muon"] and g["weight_decay"] > 0
+
+
 # ---- QK-clip ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _scaled_logits(attn: MLA, x: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ Which parameter goes where (`param_groups`):
 - AdamW, decayed: the embedding-free matrices Muon does not take (lm_head; and every matrix when the
   optimizer is plain AdamW).
 - AdamW, no decay: embeddings, norms, biases (1-D).
+- mHC (`moonlet.model.hyper.mhc_parameters`): always AdamW, never Muon -- the coefficient projection
+  `fn` [n^2+2n, nC] is decayed, the static biases and gates (`base`, `scale`) are not. The mHC paper
+  trains these in fp32 with AdamW: `fn` is a tiny read-out whose rows feed sigmoids and Sinkhorn, not a
+  hidden-state transform whose update should be orthogonalised.
 The router's `e_score_correction_bias` is a buffer moved by the balancing rule, not by an optimizer.
 
 Muon step for W [A, B] (spec section 6.1): M <- mu M + G; G' = G + mu M (Nesterov); O = NS5(G') with
@@ -31,6 +35,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
+
+from ..model.hyper import mhc_parameters
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 OPTIMIZERS = ("adamw", "muon", "muonclip")
@@ -162,6 +168,7 @@ def _embedding_like(model: nn.Module) -> set[int]:
 def classify(model: nn.Module, use_muon: bool) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """{"muon": [...], "decay": [...], "no_decay": [...]} of the trainable (requires_grad) parameters."""
     emb = _embedding_like(model)
+    mhc = {id(p) for p in mhc_parameters(model)}
     head = getattr(model, "lm_head", None)
     head_id = id(head.weight) if head is not None else None
     out: dict[str, list] = {"muon": [], "decay": [], "no_decay": []}
@@ -170,7 +177,7 @@ def classify(model: nn.Module, use_muon: bool) -> dict[str, list[tuple[str, nn.P
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if use_muon and p.ndim >= 2 and id(p) not in emb:
+        if use_muon and p.ndim >= 2 and id(p) not in emb and id(p) not in mhc:
             out["muon"].append((name, p))
         elif p.ndim >= 2 and (id(p) not in emb or id(p) == head_id):
             out["decay"].append((name, p))
