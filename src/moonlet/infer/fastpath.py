@@ -11,7 +11,9 @@ What it changes against `CausalLM.forward` (all exact up to float rounding; test
   CPU attention, in the form measured faster (absorbed / naive, `prefill_form`);
 - MoE up to 1024 (token, expert) pairs runs only the chosen experts, one plain matmul chain each on
   views of the stacked weights (CPU grouped_mm visits every expert); beyond, grouped_mm;
-- gate and up projections of dense MLPs and shared experts fused into one matmul.
+- gate and up projections of dense MLPs and shared experts fused into one matmul;
+- on CPUs without native bf16 matmuls, bf16 products of >= 64 rows (prefill) run in fp32;
+- weight-only quantized weights (moonlet.model.quant) through their kernels.
 Weights derived here are copies: call `refresh()` after changing the model's weights.
 """
 
@@ -30,6 +32,33 @@ from ..model.rope import apply_rope
 
 def supports(cfg: ModelConfig) -> bool:
     return not cfg.is_dsa and cfg.hc_mult is None and cfg.engram_layers is None
+
+
+# CPUs without native bf16 matmuls (AVX2 only, like this project's CI machine) run bf16 GEMMs ~6x
+# slower than fp32 from ~64 rows (512 x 512 x 1536: 55 vs 8.7 ms); below that bf16's halved weight
+# bytes win (1 row: 2.4x faster). So bf16 products with >= 64 rows run in fp32 there (LOG 2026-12-02).
+UPCAST_ROWS = 0 if torch.cpu._is_avx512_bf16_supported() else 64
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    return (UPCAST_ROWS > 0 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and x.numel() >= UPCAST_ROWS * x.shape[-1])
+
+
+def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w[e]^T (+ bias) for a plain or quantized weight (stack), in fp32 where bf16 is slow (_upcast)."""
+    if _upcast(x):
+        if not isinstance(w, QuantWeight):
+            w, e = (w if e is None else w[e]).float(), None
+        y = linear(x.float(), w, e)
+        return (y if bias is None else y + bias.float()).to(x.dtype)
+    y = linear(x, w, e)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def _apply(mod, x: torch.Tensor) -> torch.Tensor:
+    """A Linear-like module (nn.Linear or QuantLinear) through _linear."""
+    return _linear(x, mod if isinstance(mod, QuantWeight) else mod.weight, bias=mod.bias)
 
 
 class _Attn:
@@ -91,8 +120,8 @@ def _fused_mlp(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(F.silu(g) * u, down)
+    g, u = _linear(x, gate_up).chunk(2, dim=-1)
+    return _linear(F.silu(g) * u, down)
 
 
 class FastForward:
@@ -125,7 +154,7 @@ class FastForward:
     def _moe(self, moe: MoE, shared, x_ND: torch.Tensor) -> torch.Tensor:
         r = moe.gate(x_ND)
         N, K = r.indices_NK.shape
-        if N * K > self.loop_max_pairs:
+        if N * K > self.loop_max_pairs and not _upcast(x_ND):
             y = moe.experts(x_ND, r.indices_NK, r.weights_NK)
         else:
             ex = moe.experts
@@ -134,8 +163,8 @@ class FastForward:
             if N == 1:
                 y = None
                 for k, e in enumerate(flat.tolist()):
-                    h = F.silu(linear(x_ND, ex.gate_proj, e)) * linear(x_ND, ex.up_proj, e)
-                    o = linear(h, ex.down_proj, e) * w[k]
+                    h = F.silu(_linear(x_ND, ex.gate_proj, e)) * _linear(x_ND, ex.up_proj, e)
+                    o = _linear(h, ex.down_proj, e) * w[k]
                     y = o if y is None else y + o
             else:
                 order = flat.argsort()
@@ -146,8 +175,8 @@ class FastForward:
                 for e, n in enumerate(counts):
                     if n:
                         xe = xs[start:start + n]
-                        outs.append(linear(F.silu(linear(xe, ex.gate_proj, e)) * linear(xe, ex.up_proj, e),
-                                           ex.down_proj, e))
+                        outs.append(_linear(F.silu(_linear(xe, ex.gate_proj, e)) * _linear(xe, ex.up_proj, e),
+                                            ex.down_proj, e))
                         start += n
                 ys = torch.cat(outs) * w.index_select(0, order)
                 y = torch.zeros_like(x_ND).index_add_(0, token, ys)
@@ -160,14 +189,14 @@ class FastForward:
         m = a.m
         B, T, _ = x_BTD.shape
         H, C, dr = m.n_heads, m.kv_lora_rank, m.rope_dim
-        cq = x_BTD if m.q_lora_rank is None else _norm(m.q_a_layernorm, m.q_a_proj(x_BTD))
-        q = linear(cq, a.q_weight)
+        cq = x_BTD if m.q_lora_rank is None else _norm(m.q_a_layernorm, _apply(m.q_a_proj, x_BTD))
+        q = _linear(cq, a.q_weight)
         qn = q[..., : q.shape[-1] - H * dr].view(B, T, H, -1)
         q_pe = _rope(q[..., q.shape[-1] - H * dr:].view(B, T, H, dr), None if rot is None else rot[:, :, None],
                      cos, sin, m.interleaved)
         if not a.fold_q:
             qn = torch.einsum("bthd,hdc->bthc", qn, a.w_uk)
-        c_kv, k_pe = m.kv_a_proj_with_mqa(x_BTD).split([C, dr], dim=-1)
+        c_kv, k_pe = _apply(m.kv_a_proj_with_mqa, x_BTD).split([C, dr], dim=-1)
         latent = torch.cat((_norm(m.kv_a_layernorm, c_kv), _rope(k_pe, rot, cos, sin, m.interleaved)), dim=-1)
         if mask_add is None:  # fresh prefill at positions 0..T-1
             latent_cache[:, :T] = latent
@@ -186,9 +215,8 @@ class FastForward:
             scores = torch.baddbmm(mask_add, qa.view(B, T * H, C + dr), lat.transpose(1, 2), alpha=m.scale)
             o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(B, T, H, C).to(x_BTD.dtype)
         if a.fold_o:
-            return F.linear(o.reshape(B, T, H * C), a.o_weight, a.o_bias)
-        o = linear(torch.einsum("bthc,hcv->bthv", o, a.w_uv).reshape(B, T, -1), a.o_weight)
-        return o if a.o_bias is None else o + a.o_bias
+            return _linear(o.reshape(B, T, H * C), a.o_weight, bias=a.o_bias)
+        return _linear(torch.einsum("bthc,hcv->bthv", o, a.w_uv).reshape(B, T, -1), a.o_weight, bias=a.o_bias)
 
     def _naive_prefill(self, a: _Attn, x_BTD, cos, sin, lat) -> torch.Tensor:
         m = a.m
@@ -245,7 +273,7 @@ class FastForward:
             h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index_B.to(hidden.device)][:, None]
         else:
             h = hidden[:, -1:] if last_only else hidden
-        return m.lm_head(h), hidden
+        return _apply(m.lm_head, h), hidden
 
     def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
             cache: list[LayerCache], fresh: bool = False) -> torch.Tensor:
@@ -255,7 +283,7 @@ class FastForward:
         L = self.cfg.num_hidden_layers
         mod = m.mtp[0]
         emb = m.model.embed_tokens(next_ids_BT)
-        x = mod.eh_proj(torch.cat((_norm(mod.enorm, emb), _norm(mod.hnorm, h_BTD)), dim=-1))
+        x = _apply(mod.eh_proj, torch.cat((_norm(mod.enorm, emb), _norm(mod.hnorm, h_BTD)), dim=-1))
         x = self._block(L, mod, x, self._context(positions_BT, x, fresh), cache[L].latent)
         return _norm(mod.shared_head.norm, x)
 
