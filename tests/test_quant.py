@@ -178,6 +178,17 @@ def test_accounting_matches_storage(scheme):
     assert qw.nbytes == hand == acc.quant_tensor_bytes((8, 128, 192), scheme, 32)
 
 
+def test_info_reports_what_quantize_stores():
+    """`moonlet info --json`'s quantized_weight_bytes == the bytes quantize_model leaves in a bf16 model."""
+    from moonlet.commands.info import info_dict
+
+    cfg = preset("tiny")
+    shown = info_dict(cfg)["quantized_weight_bytes"]
+    for scheme in ("int8", "int4"):
+        m = CausalLM(cfg).init_weights(seed=0).eval().to(torch.bfloat16)
+        assert quantize_model(m, scheme).bytes_after == shown[scheme]
+
+
 # ---- CLI -------------------------------------------------------------------------------------------
 def test_cli_generate_quantized(tmp_path, capsys):
     from moonlet.cli import main

@@ -54,6 +54,8 @@ def info_dict(cfg: ModelConfig, seq_len: int = 4096) -> dict:
         "flops_per_token_training_breakdown": acc.flops_per_token(cfg, seq_len, training=True, breakdown=True),
         "levers": _levers(cfg, pc, seq_len),
         "weight_bytes": {dt: acc.weight_bytes(cfg, dt) for dt in WEIGHT_DTYPES},
+        # what `--quantize int8|int4` stores (group 32, scales included, MTP included, the rest in bf16)
+        "quantized_weight_bytes": {q: acc.quantized_weight_bytes(cfg, q)["total"] for q in ("int8", "int4")},
         "softmax_scale": acc.softmax_scale(cfg),
         "yarn_ramp": list(ramp) if ramp is not None else None,
         "shapes": _shapes(cfg),
@@ -198,6 +200,9 @@ def format_table(name: str, d: dict) -> str:
         rows.append(("training, of which levers", ", ".join(f"{k} {_flops(v)}" for k, v in lever_parts)))
     sec("weight memory (no MTP)")
     rows.append(("", ", ".join(f"{dt} {_bytes(b)}" for dt, b in d["weight_bytes"].items())))
+    rows.append(("--quantize (scales, MTP incl.)", ", ".join(f"{q} {_bytes(b)}" for q, b in
+                                                              d["quantized_weight_bytes"].items())
+                 + " (embeddings, norms, router, lm_head in bf16)"))
     sec("attention")
     rows.append(("softmax scale", f"{d['softmax_scale']:.6f}"))
     ramp = d["yarn_ramp"]
