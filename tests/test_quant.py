@@ -178,11 +178,13 @@ def test_accounting_matches_storage(scheme):
     assert qw.nbytes == hand == acc.quant_tensor_bytes((8, 128, 192), scheme, 32)
 
 
-def test_info_reports_what_quantize_stores():
+@pytest.mark.parametrize("levers", [{}, {"engram_layers": [1], "engram_max_ngram": 3, "hc_mult": 2}],
+                         ids=["plain", "engram_mhc"])  # Engram has Linears with a bias (kept in float)
+def test_info_reports_what_quantize_stores(levers):
     """`moonlet info --json`'s quantized_weight_bytes == the bytes quantize_model leaves in a bf16 model."""
     from moonlet.commands.info import info_dict
 
-    cfg = preset("tiny")
+    cfg = preset("tiny").replace(**levers)
     shown = info_dict(cfg)["quantized_weight_bytes"]
     for scheme in ("int8", "int4"):
         m = CausalLM(cfg).init_weights(seed=0).eval().to(torch.bfloat16)

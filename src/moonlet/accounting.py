@@ -395,8 +395,9 @@ def quantized_weight_bytes(cfg: ModelConfig, scheme: str, group_size: int = 32, 
     replaced, q_bytes = set(), 0
     for name, mod in targets.items():
         for pname, p in mod.named_parameters(prefix=name):
-            replaced.add(pname)
-            q_bytes += quant_tensor_bytes(tuple(p.shape), scheme, group_size)
+            if p.ndim >= 2:  # a Linear's bias stays in float (QuantLinear keeps it)
+                replaced.add(pname)
+                q_bytes += quant_tensor_bytes(tuple(p.shape), scheme, group_size)
     width = dtype_bytes(dtype)
     f_bytes, seen = 0.0, set()
     for name, t in model.state_dict(keep_vars=True).items():
