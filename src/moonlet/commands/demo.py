@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     uni_ce = unigram_cross_entropy(train_stream.tokens, val_stream.tokens, tok.vocab_size)
     val_loader = PackedTextLoader(val_stream, 16, 256, shuffle=False, mtp_depth=0)
     val = validation_loss(model, val_loader, None if not q else 2)
-    chars_per_token = sum(map(len, bundled_documents("val"))) / len(val_stream)
+    val_docs = bundled_documents("val")
+    chars_per_token = sum(map(len, val_docs)) / len(val_stream)
     print(f"validation (Macbeth + Twelfth Night, unseen plays): loss {val:.3f} nats/token, perplexity {math.exp(val):.1f}, "
           f"{val / math.log(2) / chars_per_token:.2f} bits/character")
     print(f"unigram baseline: entropy {uni_h:.3f} nats/token; the train unigram model scores {uni_ce:.3f} on validation "
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"pretraining: {pre['tokens']:,} tokens in {timings['pretrain_s']:.0f}s wall, {pre['tokens_per_s']:,.0f} tok/s "
           f"while training")
     val_txt = out / "val.txt"
-    val_text = "\n\n".join(bundled_documents("val"))
+    val_text = "\n\n".join(val_docs)
     val_txt.write_text(val_text if not q else val_text[:20_000], encoding="utf-8")
     ppl = validation_perplexity(model=model, tokenizer=tok, text_file=val_txt, window=256, stride=128,
                                 out=out / "eval" / "ppl")

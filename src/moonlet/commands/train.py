@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..train.run import SFT_DEFAULTS, TRAIN_DEFAULTS
+from ..train.runtime import launch_world_size
 
 EXAMPLES = """examples:
   moonlet train --preset tiny --out runs/tiny                     # the bundled Shakespeare, a new tokenizer
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace, mode: str = "pretrain") -> int:
     except (ValueError, FileNotFoundError, KeyboardInterrupt):
         raise  # the CLI prints one line and exits non-zero
     except Exception as e:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: never hang, say which rank and why
+        if launch_world_size() > 1:  # under torchrun: never hang, say which rank and why
             from ..dist.failure import describe_failure
 
             import traceback

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..data.loader import IGNORE_INDEX
 from ..train.checkpoint import DISTRIBUTED, has_distributed_state, load_trainer_state, save_checkpoint
 from ..train.optim import Muon
-from ..train.runtime import Runtime
+from ..train.runtime import Runtime, launch_world_size
 from .checkpoint import full_state_dict, load_distributed, plain_model, save_distributed
 from .mesh import ParallelismError, build_mesh, init_distributed
 from .muon import orthogonalize_sharded, scale_rows_
@@ -51,11 +51,6 @@ def _quiet(logger: str):
         yield
     finally:
         log.setLevel(level)
-
-
-def launch_world_size() -> int:
-    """Processes of this launch (torchrun sets WORLD_SIZE; 1 for a plain `python -m moonlet`)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class DistRuntime(Runtime):

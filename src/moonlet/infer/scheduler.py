@@ -23,6 +23,7 @@ import torch
 
 from .cache import KVCache
 from .sampling import SamplerState, SamplingParams, sample_token, token_logprobs
+from .speculative import after_prefill, speculative_step
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -213,7 +214,6 @@ class Scheduler:
                 self._release(req)
         if self.running:
             if self.engine.speculative:
-                from .speculative import speculative_step
                 events += speculative_step(self, self.running)
             else:
                 events += self._decode(self.running)
@@ -268,7 +268,6 @@ class Scheduler:
             row = first + i
             cache.lengths[row] = n
             if self.engine.speculative:
-                from .speculative import after_prefill
                 events += after_prefill(self, req, row, logits[i, -1], hidden[i:i + 1, :n])
             else:
                 events.append(self.accept_token(req, row, sample_token(logits[i, -1], req.sampler)[0], logits[i, -1]))

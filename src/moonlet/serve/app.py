@@ -343,7 +343,7 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
     vocab = int(getattr(s.engine, "vocab_size", None) or getattr(s.tokenizer, "vocab_size", 1 << 62))
     for t in texts:
         if isinstance(t, str):
-            ids = _encode_text(s, _valid_text(t, "prompt"))
+            ids = s.engine.encode(_valid_text(t, "prompt"))  # as Engine.generate encodes it (bos included)
         else:
             ids = list(t)
             bad = [x for x in ids if not 0 <= x < vocab]
@@ -354,16 +354,6 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
             raise APIError(400, "'prompt' is empty", param="prompt", code="invalid_value")
         out.append(ids)
     return out
-
-
-def _encode_text(s: ServerState, text: str) -> list[int]:
-    """A raw-text prompt exactly as Engine.generate encodes it (bos when the tokenizer has one), so the
-    API and the library give the same completion for the same text."""
-    enc = getattr(s.engine, "encode", None)
-    if enc is not None:
-        return list(enc(text))
-    tok = s.tokenizer
-    return list(tok.encode(text, add_bos=getattr(tok, "bos_id", None) is not None))
 
 
 async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: asyncio.Queue,
@@ -669,7 +659,8 @@ async def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[
             yield _sse(_failure(ev).body())
             break
         c = choices[index]
-        n_lp, offset = len(c.logprobs), sum(len(t) for t in c.text)
+        n_lp = len(c.logprobs)
+        offset = sum(len(t) for t in c.text) if lp else 0  # text offsets are only reported with logprobs
         _apply(c, ev)
         if ev.finished and ev.finish_reason == "abort":
             yield _sse(APIError(500, "the engine aborted the request", code="engine_error").body())

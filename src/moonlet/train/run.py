@@ -27,7 +27,7 @@ from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..model import CausalLM
 from ..model.sparse_attention import freeze_all_but_indexer, set_dsa_stage
 from .checkpoint import list_checkpoints, load_model, load_train_args, resolve_checkpoint
-from .runtime import Runtime
+from .runtime import Runtime, launch_world_size
 from .trainer import TrainArgs, Trainer
 
 TRAIN_DEFAULTS: dict = dict(
@@ -43,17 +43,13 @@ RESUME_OVERRIDABLE = {"steps", "max_time", "eval_interval", "eval_batches", "log
                       "dp_shard", "ep", "activation_checkpointing"}
 
 
-def _launch_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
-
-
 def make_runtime(opts: dict) -> Runtime:
     """The process topology: one process, or under torchrun (or with --dp-shard/--ep) moonlet.dist's
     sharded runtime (FSDP2 + expert parallelism)."""
     device = opts.get("device", "cpu")
     dp_shard, ep = opts.get("dp_shard"), opts.get("ep")
     ep = 1 if ep is None else ep
-    if _launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
+    if launch_world_size() > 1 or dp_shard not in (None, 1) or ep != 1:
         from ..dist.runtime import DistRuntime
 
         return DistRuntime(device, dp_shard, ep, precision=opts.get("precision", "fp32"),
@@ -67,7 +63,7 @@ def _resume_batch_size(given: dict, saved: dict) -> None:
     """The global batch (rows per step = batch_size x processes) decides the data order, so it cannot
     change on resume; the number of processes can. Without -b, a different process count gets the
     per-process batch that keeps the global one; with -b, the global batch is checked."""
-    world, saved_world = _launch_world_size(), int(saved.get("world_size", 1))
+    world, saved_world = launch_world_size(), int(saved.get("world_size", 1))
     if "batch_size" not in saved:
         return
     global_b = saved["batch_size"] * saved_world
@@ -104,7 +100,7 @@ def resolve_options(given: dict, mode: str) -> tuple[dict, Path | None]:
         if saved.get("mode", mode) != mode:
             raise ValueError(f"{ckpt} is a {saved.get('mode')} run; resume it with `moonlet {saved.get('mode')}`")
         _resume_batch_size(given, saved)
-        if int(saved.get("world_size", 1)) != _launch_world_size():  # a new process count: a new default layout
+        if int(saved.get("world_size", 1)) != launch_world_size():  # a new process count: a new default layout
             saved = {k: v for k, v in saved.items() if k not in ("dp_shard", "ep")}
         opts.update({k: v for k, v in saved.items() if k in defaults or k in ("out", "mode")})
         for k, v in given.items():
@@ -333,8 +329,7 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
 
     with runtime.main_first():  # rank 0 trains/saves the tokenizer and writes the token caches first
         tokenizer = get_tokenizer(opts, ckpt, init, run_dir, say)
-        if mode != "sft":
-            token_streams(tokenizer, opts, run_dir, say)
+        streams = token_streams(tokenizer, opts, run_dir, say) if mode != "sft" else None
     if ckpt is not None:
         model = runtime.load_model(ckpt, resume=True)
         _check_vocab(model, tokenizer, ckpt)
@@ -364,7 +359,7 @@ def run_training(given: dict, mode: str = "pretrain", print_fn: Callable[[str], 
             f"{train_loader.num_rows(0)} packed rows of {args.seq_len + 1} tokens, "
             f"{100 * train_loader.assistant_fraction:.0f}% of tokens are the assistant's (the loss covers only those)")
     else:
-        train_stream, val_stream = token_streams(tokenizer, opts, run_dir, say)
+        train_stream, val_stream = streams
         train_loader = PackedTextLoader(train_stream, args.batch_size, args.seq_len, **shard)
         val_loader = PackedTextLoader(val_stream, args.batch_size, args.seq_len, **dict(shard, shuffle=False))
         say(f"data: {len(train_stream):,} train / {len(val_stream):,} val tokens; "

@@ -26,10 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .optim import _scale_rows_plain
+
+
+def launch_world_size() -> int:
+    """Processes of this launch (torchrun sets WORLD_SIZE; 1 for a plain `python -m moonlet`)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 class Runtime:
@@ -81,7 +89,7 @@ class Runtime:
 
     @torch.no_grad()
     def scale_rows_(self, param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
-        param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
+        _scale_rows_plain(param, row_scale_R)
 
     def skip_microbatch(self, batch) -> bool:
         """A micro-batch with no loss tokens is skipped (on every rank alike when sharded)."""
