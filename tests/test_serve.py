@@ -455,9 +455,10 @@ def test_shutdown_ends_requests_that_outlive_the_grace_period_cleanly(ref_engine
             t.start()
             assert _wait_for(lambda: _metric(srv.url, "moonlet_running_requests") == 2)
             srv.server.stop()
-            try:  # draining: a new request is refused (503, or the socket is closed already)
+            try:  # draining: a new request is refused (503, or the socket is closed already, before
+                # or after the connection was accepted: uvicorn closes connections it has not answered)
                 assert httpx.post(srv.url + "/v1/completions", json=long, timeout=10).status_code == 503
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.RemoteProtocolError):
                 pass
             events = [json.loads(first[6:])] + _sse(lines)
         t.join(30)
