@@ -37,6 +37,11 @@ def test_fast_path_equals_model_forward(changes, form):
         full_a = m(torch.cat((a, nxt[:1], three[:1]), 1)).logits[0, -3:]
         full_b = m(torch.cat((b, nxt[1:], three[1:]), 1)).logits[0, -3:]
         assert (lv[0] - full_a).abs().max() <= 1e-4 and (lv[1] - full_b).abs().max() <= 1e-4
+        # one token of one row (the batch-1 decode: Python router, no mask, slice cache write)
+        one = torch.tensor([[5]])
+        l1, _ = fast(one, torch.tensor([[17]]), kv.view(0, 1))
+        full_1 = m(torch.cat((a, nxt[:1], three[:1], one), 1)).logits[0, -1]
+        assert (l1[0, -1] - full_1).abs().max() <= 1e-4
 
 
 def test_levers_are_refused():
@@ -93,3 +98,29 @@ def test_bf16_fast_path_tracks_the_fp32_model(upcast_rows, monkeypatch):
     ref = full[P - 1:P + n - 1]
     assert torch.isfinite(got).all()
     assert (got - ref).abs().max() <= 0.03 * ref.abs().max()  # measured 0.012: bf16 has 8 mantissa bits
+
+
+@pytest.mark.parametrize("changes", [{}, {"norm_topk_prob": False, "routed_scaling_factor": 2.5},
+                                     {"scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1},
+                                     {"scoring_func": "softmax", "topk_method": "group_limited_greedy"}],
+                         ids=["noaux_tc_groups", "no_norm_scaled", "softmax_greedy", "group_limited_greedy"])
+def test_one_token_router_equals_router(changes):
+    """The batch-1 router (Python over the E scores) picks the same experts with the same weights
+    as Router.forward, including a non-zero correction bias that changes the choice."""
+    from moonlet.infer.fastpath import _Route
+
+    cfg = preset("tiny").replace(**{"n_routed_experts": 16, "n_group": 4, "topk_group": 2, "num_experts_per_tok": 3,
+                                    **changes})
+    gate = CausalLM(cfg).init_weights(seed=2, std=0.5).model.layers[-1].mlp.gate
+    if gate.e_score_correction_bias is not None:
+        gate.e_score_correction_bias.copy_(torch.randn(16, generator=torch.Generator().manual_seed(3)) * 0.3)
+    route = _Route(gate)
+    x = torch.randn(200, cfg.hidden_size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = gate(x)
+        for n in range(200):
+            got = dict(route(x[n:n + 1]))
+            want = dict(zip(ref.indices_NK[n].tolist(), ref.weights_NK[n].tolist()))
+            assert got.keys() == want.keys()
+            # (a 1-row and a 200-row GEMM sum in different orders: logits differ by fp32 rounding)
+            assert all(abs(got[e] - want[e]) <= 1e-5 * max(1.0, abs(want[e])) for e in want)

@@ -4,20 +4,26 @@ What it changes against `CausalLM.forward` (all exact up to float rounding; test
 - absorbed MLA with the absorption folded into the weights once: W_UK into q_b_proj (the query
   comes out directly in latent space) and W_UV into o_proj, unless that costs over twice the
   multiply-adds of applying them per token (folded for `tiny`/`small`, not for DeepSeek-V3's sizes);
-- RoPE as one complex multiply with the rotation built once per forward, RMSNorm as one fused call;
-- decode attention as one baddbmm (scores + additive mask) -> softmax -> bmm over the latent cache,
-  with the mask built once per forward instead of per layer, in fp32 on CPU whatever the cache dtype;
+- activations as [tokens, dim] and every projection one `mm` against a transposed view made once:
+  a decode step is ~100 matrix-vector products whose per-op overhead (a few us each) is most of its
+  time on CPU, and `F.linear` on [B, T, D] dispatches four ops (LOG 2026-12-02);
+- decode: RoPE as one small bmm with per-token rotation matrices built once per forward (the model's
+  own apply_rope applied to the identity), attention as one baddbmm -> softmax -> bmm over the latent
+  cache in fp32 on CPU whatever the cache dtype, no mask when every row attends its whole prefix;
 - a fresh prefill (empty cache row) attends causally without a mask through the model's blocked
   CPU attention, in the form measured faster (absorbed / naive, `prefill_form`);
-- MoE up to 1024 (token, expert) pairs runs only the chosen experts, one plain matmul chain each on
-  views of the stacked weights (CPU grouped_mm visits every expert); beyond, grouped_mm;
+- MoE: one token routes in Python over its E scores (3 ops instead of ~25) and runs its experts on
+  per-expert weight views, the down projection accumulating into the shared expert's output (addmm);
+  up to 1024 (token, expert) pairs run only the chosen experts; beyond, grouped_mm;
 - gate and up projections of dense MLPs and shared experts fused into one matmul;
 - on CPUs without native bf16 matmuls, bf16 products of >= 64 rows (prefill) run in fp32;
 - weight-only quantized weights (moonlet.model.quant) through their kernels.
-Weights derived here are copies: call `refresh()` after changing the model's weights.
+Weights derived here are copies or views: call `refresh()` after changing the model's weights.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +31,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from ..model import CausalLM, LayerCache
 from ..model.attention import MLA, causal_attention_blocked
-from ..model.moe import MLP, MoE
+from ..model.moe import MLP, MoE, Router
 from ..model.quant import QuantWeight, cat_rows, linear
 from ..model.rope import apply_rope
 
@@ -56,9 +62,25 @@ def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None 
     return y if bias is None else y + bias.to(y.dtype)
 
 
-def _apply(mod, x: torch.Tensor) -> torch.Tensor:
-    """A Linear-like module (nn.Linear or QuantLinear) through _linear."""
-    return _linear(x, mod if isinstance(mod, QuantWeight) else mod.weight, bias=mod.bias)
+class _Proj:
+    """One projection for activations x [N, K]: a single mm against w.t() (a view made once), the
+    quantized weight's kernel, or fp32 products where bf16 is slow (_upcast)."""
+
+    def __init__(self, w, bias: torch.Tensor | None = None):
+        self.w, self.bias = w, bias
+        self.wt = None if isinstance(w, QuantWeight) else w.t()
+
+    @classmethod
+    def of(cls, mod) -> "_Proj":
+        """From an nn.Linear or a QuantLinear."""
+        return cls(mod if isinstance(mod, QuantWeight) else mod.weight, mod.bias)
+
+    def __call__(self, x_NK: torch.Tensor) -> torch.Tensor:
+        if self.wt is None or _upcast(x_NK):
+            return _linear(x_NK, self.w, bias=self.bias)
+        if self.bias is None:
+            return torch.mm(x_NK, self.wt)
+        return torch.addmm(self.bias, x_NK, self.wt)
 
 
 class _Attn:
@@ -77,25 +99,93 @@ class _Attn:
         self.fold_q = Q * C <= 2 * (Q * dn + dn * C) and not isinstance(q_mod, QuantWeight)
         if isinstance(q_mod, QuantWeight):  # quantized: the same row reordering, on the int rows (exact)
             rows = torch.arange(H * (dn + dr)).view(H, dn + dr)
-            self.q_weight = q_mod.select_rows(torch.cat((rows[:, :dn].reshape(-1), rows[:, dn:].reshape(-1))))
+            q_weight = q_mod.select_rows(torch.cat((rows[:, :dn].reshape(-1), rows[:, dn:].reshape(-1))))
             self.w_uk = w_uk.contiguous()
         elif self.fold_q:
             q_lat = torch.einsum("hdc,hdq->hcq", w_uk.float(), q_w[:, :dn].float()).to(q_w.dtype)
-            self.q_weight = torch.cat((q_lat.reshape(H * C, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
+            q_weight = torch.cat((q_lat.reshape(H * C, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
         else:
-            self.q_weight = torch.cat((q_w[:, :dn].reshape(H * dn, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
+            q_weight = torch.cat((q_w[:, :dn].reshape(H * dn, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
             self.w_uk = w_uk.contiguous()  # [H, dn, C]
+        self.q = _Proj(q_weight)  # -> [N, H*C (folded) or H*dn | H*dr]
+        self.q_a = None if attn.q_lora_rank is None else _Proj.of(attn.q_a_proj)
+        self.kv_a = _Proj.of(attn.kv_a_proj_with_mqa)
         quant_o = isinstance(attn.o_proj, QuantWeight)
         o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
         self.fold_o = D * C <= 2 * (D * dv + dv * C) and not quant_o  # the same rule for W_UV into o_proj
         if self.fold_o:
-            self.o_weight = torch.einsum("ehv,hvc->ehc", o_w.view(D, H, dv).float(), w_uv.float()
-                                         ).reshape(D, H * C).to(o_w.dtype).contiguous()
+            o_w = torch.einsum("ehv,hvc->ehc", o_w.view(D, H, dv).float(), w_uv.float()
+                               ).reshape(D, H * C).to(o_w.dtype).contiguous()
         else:
             self.w_uv = w_uv.transpose(1, 2).contiguous()  # [H, C, dv]
-            self.o_weight = o_w
-        self.o_bias = attn.o_proj.bias
+        self.o = _Proj(o_w, attn.o_proj.bias)
+
+
+class _Experts:
+    """Routed experts of one MoE layer: per-expert transposed views (one mm each) or, quantized, the
+    QuantExperts stacks through their kernels."""
+
+    def __init__(self, experts):
+        self.mod = experts
+        self.quant = isinstance(experts.gate_proj, QuantWeight)
+        if not self.quant:
+            self.views = [(g.t(), u.t(), d.t()) for g, u, d in
+                          zip(experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0))]
+
+    def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """silu(x W_gate[e]^T) * (x W_up[e]^T)."""
+        if self.quant or _upcast(x):
+            ex = self.mod
+            return F.silu(_linear(x, ex.gate_proj, e)) * _linear(x, ex.up_proj, e)
+        g, u, _ = self.views[e]
+        return F.silu(torch.mm(x, g)) * torch.mm(x, u)
+
+    def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        if self.quant or _upcast(h):
+            return _linear(h, self.mod.down_proj, e)
+        return torch.mm(h, self.views[e][2])
+
+    def down_add(self, acc: torch.Tensor, h: torch.Tensor, e: int, weight: float) -> torch.Tensor:
+        """acc + weight * (h W_down[e]^T), one addmm where it can be."""
+        if self.quant or _upcast(h):
+            return acc + self.down(h, e) * weight
+        return torch.addmm(acc, h, self.views[e][2], alpha=weight)
+
+
+class _Route:
+    """The router of one token in Python over its E scores: Router.forward's rule (tests compare
+    both); a batch-1 step then costs 3 tensor ops per layer instead of ~25."""
+
+    def __init__(self, gate: Router):
+        self.gate = gate
+        self.w_t = gate.weight.detach().float().t()  # [D, E] (the router runs in fp32)
+        bias = gate.e_score_correction_bias
+        self.bias = None if bias is None else bias.tolist()
+
+    def __call__(self, x_1D: torch.Tensor) -> list[tuple[int, float]]:
+        g = self.gate
+        logits = torch.mm(x_1D.float(), self.w_t)
+        scores = (logits.sigmoid() if g.scoring_func == "sigmoid" else logits.softmax(-1))[0].tolist()
+        E, G = g.n_experts, g.n_group
+        size = E // G
+        if g.topk_method == "noaux_tc":
+            choice = [s + b for s, b in zip(scores, self.bias)]
+            group_score = [sum(sorted(choice[i * size:(i + 1) * size])[-2:]) for i in range(G)]
+        else:
+            choice = scores
+            group_score = [max(scores[i * size:(i + 1) * size]) for i in range(G)]
+        if G > 1 and g.topk_method != "greedy":
+            groups = sorted(range(G), key=group_score.__getitem__, reverse=True)[:g.topk_group]
+            candidates = [e for i in groups for e in range(i * size, (i + 1) * size)]
+        else:
+            candidates = range(E)
+        chosen = sorted(candidates, key=choice.__getitem__, reverse=True)[:g.top_k]
+        weights = [scores[e] for e in chosen]
+        if g.norm_topk_prob and g.top_k > 1:
+            total = sum(weights) + 1e-20
+            weights = [w / total for w in weights]
+        return [(e, w * g.scaling) for e, w in zip(chosen, weights)]
 
 
 def _norm(norm, x: torch.Tensor) -> torch.Tensor:
@@ -113,15 +203,34 @@ def _rope(x: torch.Tensor, rot: torch.Tensor | None, cos, sin, interleaved: bool
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
-def _fused_mlp(mlp: MLP) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_mlp(mlp: MLP) -> tuple[_Proj, _Proj]:
     if isinstance(mlp.gate_proj, QuantWeight):
-        return cat_rows(mlp.gate_proj, mlp.up_proj), mlp.down_proj
-    return torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous(), mlp.down_proj.weight
+        return _Proj(cat_rows(mlp.gate_proj, mlp.up_proj)), _Proj(mlp.down_proj)
+    return _Proj(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous()), _Proj(mlp.down_proj.weight)
 
 
-def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    g, u = _linear(x, gate_up).chunk(2, dim=-1)
-    return _linear(F.silu(g) * u, down)
+def _swiglu(x: torch.Tensor, gate_up: _Proj, down: _Proj) -> torch.Tensor:
+    g, u = gate_up(x).chunk(2, dim=-1)
+    return down(F.silu(g) * u)
+
+
+@dataclass
+class _Step:
+    """What every layer of one forward shares."""
+
+    B: int
+    T: int
+    fresh: bool  # empty cache rows, positions 0..T-1: causal attention without a mask
+    positions_BT: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rot: torch.Tensor | None = None  # prefill: complex rotation (interleaved RoPE)
+    rope_NRR: torch.Tensor | None = None  # decode: x_roped = x @ rope_NRR[n] per token, fp32
+    att_dtype: torch.dtype = torch.float32
+    mask_add: torch.Tensor | None = None  # decode: additive mask [B, T*H, kv_len], None = all visible
+    kv_len: int = 0
+    start: int | None = None  # decode: every row writes slots [start, start + T)
+    rows_B1: torch.Tensor | None = None  # decode otherwise: row index for the cache write
 
 
 class FastForward:
@@ -146,116 +255,143 @@ class FastForward:
         for layer in blocks:
             if isinstance(layer.mlp, MoE):
                 shared = None if layer.mlp.shared_experts is None else _fused_mlp(layer.mlp.shared_experts)
-                self.mlp.append(("moe", layer.mlp, shared))
+                self.mlp.append(("moe", (layer.mlp, _Route(layer.mlp.gate), _Experts(layer.mlp.experts)), shared))
             else:
                 self.mlp.append(("dense", layer.mlp, _fused_mlp(layer.mlp)))
+        self.lm_head = _Proj.of(m.lm_head)
+        self.eh_proj = [_Proj.of(mod.eh_proj) for mod in m.mtp]
 
-    # ---- pieces ---------------------------------------------------------------------------------
-    def _moe(self, moe: MoE, shared, x_ND: torch.Tensor) -> torch.Tensor:
+    # ---- MoE ------------------------------------------------------------------------------------
+    def _moe(self, parts, shared, x_ND: torch.Tensor) -> torch.Tensor:
+        moe, route, ex = parts
+        N = x_ND.shape[0]
+        if N == 1:
+            y = _swiglu(x_ND, *shared) if shared is not None else torch.zeros_like(x_ND)
+            for e, w in route(x_ND):
+                y = ex.down_add(y, ex.hidden(x_ND, e), e, w)
+            return y
         r = moe.gate(x_ND)
-        N, K = r.indices_NK.shape
+        K = r.indices_NK.shape[1]
         if N * K > self.loop_max_pairs and not _upcast(x_ND):
             y = moe.experts(x_ND, r.indices_NK, r.weights_NK)
         else:
-            ex = moe.experts
             flat = r.indices_NK.reshape(-1)
+            order = flat.argsort()
+            token = order // K
+            xs = x_ND.index_select(0, token)
+            counts = torch.bincount(flat, minlength=moe.experts.n_experts).tolist()
+            outs, start = [], 0
+            for e, n in enumerate(counts):
+                if n:
+                    outs.append(ex.down(ex.hidden(xs[start:start + n], e), e))
+                    start += n
             w = r.weights_NK.reshape(-1, 1).to(x_ND.dtype)
-            if N == 1:
-                y = None
-                for k, e in enumerate(flat.tolist()):
-                    h = F.silu(_linear(x_ND, ex.gate_proj, e)) * _linear(x_ND, ex.up_proj, e)
-                    o = _linear(h, ex.down_proj, e) * w[k]
-                    y = o if y is None else y + o
-            else:
-                order = flat.argsort()
-                token = order // K
-                xs = x_ND.index_select(0, token)
-                counts = torch.bincount(flat, minlength=ex.n_experts).tolist()
-                outs, start = [], 0
-                for e, n in enumerate(counts):
-                    if n:
-                        xe = xs[start:start + n]
-                        outs.append(_linear(F.silu(_linear(xe, ex.gate_proj, e)) * _linear(xe, ex.up_proj, e),
-                                            ex.down_proj, e))
-                        start += n
-                ys = torch.cat(outs) * w.index_select(0, order)
-                y = torch.zeros_like(x_ND).index_add_(0, token, ys)
+            ys = torch.cat(outs) * w.index_select(0, order)
+            y = torch.zeros_like(x_ND).index_add_(0, token, ys)
         if shared is not None:
             y = y + _swiglu(x_ND, *shared)
         return y
 
-    def _attention(self, a: _Attn, x_BTD: torch.Tensor, cos, sin, rot, positions_BT, latent_cache: torch.Tensor,
-                   mask_add: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+    # ---- attention ------------------------------------------------------------------------------
+    def _attention(self, a: _Attn, h_ND: torch.Tensor, s: _Step, latent_cache: torch.Tensor) -> torch.Tensor:
         m = a.m
-        B, T, _ = x_BTD.shape
         H, C, dr = m.n_heads, m.kv_lora_rank, m.rope_dim
-        cq = x_BTD if m.q_lora_rank is None else _norm(m.q_a_layernorm, _apply(m.q_a_proj, x_BTD))
-        q = _linear(cq, a.q_weight)
-        qn = q[..., : q.shape[-1] - H * dr].view(B, T, H, -1)
-        q_pe = _rope(q[..., q.shape[-1] - H * dr:].view(B, T, H, dr), None if rot is None else rot[:, :, None],
-                     cos, sin, m.interleaved)
+        N = h_ND.shape[0]
+        cq = h_ND if a.q_a is None else _norm(m.q_a_layernorm, a.q_a(h_ND))
+        q = a.q(cq)  # [N, H*Cq | H*dr]
+        split = q.shape[-1] - H * dr
+        kv = a.kv_a(h_ND)  # [N, C + dr]
+        c_kv = _norm(m.kv_a_layernorm, kv[:, :C])
+        if s.fresh:
+            return self._prefill_attention(a, h_ND, s, q, split, c_kv, kv[:, C:], latent_cache)
+        qf = q.to(s.att_dtype)
+        q_pe = torch.bmm(q[:, split:].view(N, H, dr).float(), s.rope_NRR).to(s.att_dtype)
+        if a.fold_q:
+            qn = qf[:, :split].view(N, H, C)
+        else:
+            qn = torch.einsum("nhd,hdc->nhc", q[:, :split].view(N, H, -1), a.w_uk).to(s.att_dtype)
+        qa = torch.cat((qn, q_pe), dim=-1).view(s.B, s.T * H, C + dr)
+        k_pe = torch.bmm(kv[:, None, C:].float(), s.rope_NRR)[:, 0]  # [N, dr]
+        latent = torch.cat((c_kv, k_pe.to(c_kv.dtype)), dim=-1).view(s.B, s.T, C + dr)
+        if s.start is not None:
+            latent_cache[:, s.start:s.start + s.T] = latent
+        else:
+            latent_cache[s.rows_B1, s.positions_BT] = latent
+        lat = latent_cache[:, :s.kv_len].to(s.att_dtype)  # bf16 cache -> fp32 on CPU (see _step)
+        if s.mask_add is None:
+            scores = torch.baddbmm(lat.new_zeros(()), qa, lat.transpose(1, 2), beta=0, alpha=m.scale)
+        else:
+            scores = torch.baddbmm(s.mask_add, qa, lat.transpose(1, 2), alpha=m.scale)
+        o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(N, H, C).to(h_ND.dtype)
+        return self._out(a, o)
+
+    def _out(self, a: _Attn, o_NHC: torch.Tensor) -> torch.Tensor:
+        N, H, C = o_NHC.shape
+        if a.fold_o:
+            return a.o(o_NHC.reshape(N, H * C))
+        return a.o(torch.einsum("nhc,hcv->nhv", o_NHC, a.w_uv).reshape(N, -1))
+
+    def _prefill_attention(self, a: _Attn, h_ND, s: _Step, q, split, c_kv, k_pe, latent_cache) -> torch.Tensor:
+        m = a.m
+        B, T, H, C, dr = s.B, s.T, m.n_heads, m.kv_lora_rank, m.rope_dim
+        rot = None if s.rot is None else s.rot[:, :, None]
+        q_pe = _rope(q[:, split:].reshape(B, T, H, dr), rot, s.cos, s.sin, m.interleaved)
+        qn = q[:, :split].view(B, T, H, -1)
         if not a.fold_q:
             qn = torch.einsum("bthd,hdc->bthc", qn, a.w_uk)
-        c_kv, k_pe = _apply(m.kv_a_proj_with_mqa, x_BTD).split([C, dr], dim=-1)
-        latent = torch.cat((_norm(m.kv_a_layernorm, c_kv), _rope(k_pe, rot, cos, sin, m.interleaved)), dim=-1)
-        if mask_add is None:  # fresh prefill at positions 0..T-1
-            latent_cache[:, :T] = latent
-            lat = latent
-        else:
-            latent_cache[torch.arange(B, device=positions_BT.device)[:, None], positions_BT] = latent
-            lat = latent_cache[:, :kv_len]
+        lat = torch.cat((c_kv.view(B, T, C), _rope(k_pe.reshape(B, T, dr), s.rot, s.cos, s.sin, m.interleaved)), -1)
+        latent_cache[:, :T] = lat
+        if self.prefill_form == "naive":
+            q_nope, q_pe = m.query(h_ND.view(B, T, -1), _Ctx(s.cos, s.sin))
+            k, v = m.expand_kv(lat)
+            o = causal_attention_blocked(torch.cat((q_nope, q_pe), dim=-1), k, v, m.scale)
+            return m.o_proj(o.reshape(B * T, -1))
         qa = torch.cat((qn, q_pe), dim=-1)  # [B,T,H,C+dr]
-        if mask_add is None:
-            if self.prefill_form == "absorbed":
-                o = causal_attention_blocked(qa, lat[:, :, None], lat[:, :, None, :C], m.scale)  # [B,T,H,C]
-            else:
-                return self._naive_prefill(a, x_BTD, cos, sin, lat)
-        else:
-            qa, lat = qa.to(mask_add.dtype), lat.to(mask_add.dtype)  # bf16 cache -> fp32 on CPU (_context)
-            scores = torch.baddbmm(mask_add, qa.view(B, T * H, C + dr), lat.transpose(1, 2), alpha=m.scale)
-            o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(B, T, H, C).to(x_BTD.dtype)
-        if a.fold_o:
-            return _linear(o.reshape(B, T, H * C), a.o_weight, bias=a.o_bias)
-        return _linear(torch.einsum("bthc,hcv->bthv", o, a.w_uv).reshape(B, T, -1), a.o_weight, bias=a.o_bias)
-
-    def _naive_prefill(self, a: _Attn, x_BTD, cos, sin, lat) -> torch.Tensor:
-        m = a.m
-        B, T, _ = x_BTD.shape
-        q_nope, q_pe = m.query(x_BTD, _Ctx(cos, sin))
-        k, v = m.expand_kv(lat)
-        o = causal_attention_blocked(torch.cat((q_nope, q_pe), dim=-1), k, v, m.scale)
-        return m.o_proj(o.reshape(B, T, -1))
+        o = causal_attention_blocked(qa, lat[:, :, None], lat[:, :, None, :C], m.scale)  # [B,T,H,C]
+        return self._out(a, o.reshape(B * T, H, C))
 
     # ---- forward --------------------------------------------------------------------------------
-    def _context(self, positions_BT: torch.Tensor, x: torch.Tensor, fresh: bool):
-        """What every layer of one forward shares: RoPE tables and the additive decode mask."""
+    def _step(self, positions_BT: torch.Tensor, x: torch.Tensor, fresh: bool) -> _Step:
         dtype, dev = x.dtype, x.device
         positions_BT = positions_BT.to(dev)
-        cos, sin = self.model.model.rotary(positions_BT, dtype)
-        rot = torch.complex(cos.float(), sin.float()) if self.cfg.rope_interleave else None
         B, T = positions_BT.shape
-        mask_add, kv_len = None, T
-        if not fresh:
-            kv_len = int(positions_BT.max()) + 1
-            visible = torch.arange(kv_len, device=dev)[None, None, :] <= positions_BT[:, :, None]  # [B,T,L]
-            H = self.cfg.num_attention_heads
-            # decode attention's dtype: CPU bmm in bf16 is 3-4x slower than casting the latent cache to
-            # fp32 and running it there (T = 1: 53 vs 19 us at 40 keys, 2.6 vs 0.6 ms at 2048; LOG)
-            att_dtype = torch.float32 if dev.type == "cpu" else dtype
-            mask_add = torch.zeros(B, T, H, kv_len, dtype=att_dtype, device=dev).masked_fill_(~visible[:, :, None], float("-inf"))
-            mask_add = mask_add.view(B, T * H, kv_len)
-        return cos, sin, rot, positions_BT, mask_add, kv_len
+        cos, sin = self.model.model.rotary(positions_BT, dtype)
+        s = _Step(B, T, fresh, positions_BT, cos, sin)
+        if fresh:
+            s.rot = torch.complex(cos.float(), sin.float()) if self.cfg.rope_interleave else None
+            return s
+        # the model's RoPE is linear in x: rope(I) per token is the matrix it multiplies by
+        R = self.cfg.qk_rope_head_dim
+        eye = torch.eye(R, device=dev).expand(B * T, R, R)
+        s.rope_NRR = apply_rope(eye, cos.reshape(B * T, 1, -1), sin.reshape(B * T, 1, -1), self.cfg.rope_interleave
+                                ).float()
+        # decode attention's dtype: CPU bmm in bf16 is 3-4x slower than casting the latent cache to
+        # fp32 and running it there (T = 1: 53 vs 19 us at 40 keys, 2.6 vs 0.6 ms at 2048; LOG)
+        s.att_dtype = torch.float32 if dev.type == "cpu" else dtype
+        lo, hi = (int(v) for v in torch.aminmax(positions_BT))
+        s.kv_len = hi + 1
+        if T == 1 and lo == hi:  # every row at the same position: all slots < kv_len are visible
+            s.start = lo
+            return s
+        if bool((positions_BT[:, 1:] == positions_BT[:, :1] + torch.arange(1, T, device=dev)).all()) \
+                and bool((positions_BT[:, 0] == lo).all()):
+            s.start = lo  # the same consecutive positions on every row: a slice write
+        else:
+            s.rows_B1 = torch.arange(B, device=dev)[:, None]
+        visible = torch.arange(s.kv_len, device=dev)[None, None, :] <= positions_BT[:, :, None]  # [B,T,L]
+        H = self.cfg.num_attention_heads
+        mask = torch.zeros(B, T, H, s.kv_len, dtype=s.att_dtype, device=dev)
+        s.mask_add = mask.masked_fill_(~visible[:, :, None], float("-inf")).view(B, T * H, s.kv_len)
+        return s
 
-    def _block(self, i: int, layer, x: torch.Tensor, ctx, latent_cache: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        cos, sin, rot, positions_BT, mask_add, kv_len = ctx
-        h = _norm(layer.input_layernorm, x)
-        x = x + self._attention(self.attn[i], h, cos, sin, rot, positions_BT, latent_cache, mask_add, kv_len)
-        h = _norm(layer.post_attention_layernorm, x)
+    def _block(self, i: int, layer, x_ND: torch.Tensor, s: _Step, latent_cache: torch.Tensor) -> torch.Tensor:
+        h = _norm(layer.input_layernorm, x_ND)
+        x_ND = x_ND + self._attention(self.attn[i], h, s, latent_cache)
+        h = _norm(layer.post_attention_layernorm, x_ND)
         kind, mod, w = self.mlp[i]
         if kind == "dense":
-            return x + _swiglu(h, *w)
-        return x + self._moe(mod, w, h.view(B * T, -1)).view(B, T, -1)
+            return x_ND + _swiglu(h, *w)
+        return x_ND + self._moe(mod, w, h)
 
     def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
                  last_only: bool = True, fresh: bool = False, last_index_B: torch.Tensor | None = None
@@ -264,16 +400,23 @@ class FastForward:
         and positions are 0..T-1 (a prefill: causal attention without a mask; right-padded rows are
         fine, a real token never sees the padding after it). last_index_B: logits at these positions."""
         m = self.model
-        x = m.model.embed_tokens(ids_BT)
-        ctx = self._context(positions_BT, x, fresh)
+        B, T = ids_BT.shape
+        x = m.model.embed_tokens(ids_BT.reshape(-1))  # [N, D]
+        s = self._step(positions_BT, x, fresh)
         for i, layer in enumerate(m.model.layers):
-            x = self._block(i, layer, x, ctx, cache[i].latent)
-        hidden = _norm(m.model.norm, x)
+            x = self._block(i, layer, x, s, cache[i].latent)
+        hidden = _norm(m.model.norm, x).view(B, T, -1)
         if last_index_B is not None:
-            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index_B.to(hidden.device)][:, None]
+            h = hidden[torch.arange(B, device=hidden.device), last_index_B.to(hidden.device)]
+        elif last_only:
+            h = hidden[:, -1]
         else:
-            h = hidden[:, -1:] if last_only else hidden
-        return _apply(m.lm_head, h), hidden
+            h = hidden.reshape(B * T, -1)
+        return self.lm_head(h).view(B, -1, self.lm_head_out), hidden
+
+    @property
+    def lm_head_out(self) -> int:
+        return self.cfg.vocab_size
 
     def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
             cache: list[LayerCache], fresh: bool = False) -> torch.Tensor:
@@ -282,10 +425,11 @@ class FastForward:
         m = self.model
         L = self.cfg.num_hidden_layers
         mod = m.mtp[0]
-        emb = m.model.embed_tokens(next_ids_BT)
-        x = _apply(mod.eh_proj, torch.cat((_norm(mod.enorm, emb), _norm(mod.hnorm, h_BTD)), dim=-1))
-        x = self._block(L, mod, x, self._context(positions_BT, x, fresh), cache[L].latent)
-        return _norm(mod.shared_head.norm, x)
+        B, T, D = h_BTD.shape
+        emb = m.model.embed_tokens(next_ids_BT.reshape(-1))
+        x = self.eh_proj[0](torch.cat((_norm(mod.enorm, emb), _norm(mod.hnorm, h_BTD.reshape(B * T, D))), dim=-1))
+        x = self._block(L, mod, x, self._step(positions_BT, x, fresh), cache[L].latent)
+        return _norm(mod.shared_head.norm, x).view(B, T, D)
 
 
 class _Ctx:
