@@ -2,7 +2,8 @@
 
 A checkpoint directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), optionally FP8 weights with 128x128 block `weight_scale_inv`
-(DeepSeek-V3, Kimi-K2). `open_checkpoint` validates config and every tensor's presence and shape
+(DeepSeek-V3, Kimi-K2) or compressed-tensors int4 / int8 weights (Kimi-K2-Thinking; `compressed.py`), which
+load dequantized or, with `keep_quantized`, as moonlet's QuantLinear / QuantExperts from the stored ints. `open_checkpoint` validates config and every tensor's presence and shape
 from the file headers alone, before anything is allocated; loading then builds the model on the
 meta device, materializes it once in the target dtype/device and copies tensor by tensor, so the
 peak memory is the model plus one tensor. `convert_checkpoint` streams shard by shard and never
@@ -25,7 +26,8 @@ import torch
 
 from ..config import ConfigError, ModelConfig, PRESETS, resolve_config
 from ..model import CausalLM
-from . import fp8
+from ..model.quant import SCALE_DTYPE
+from . import compressed, fp8
 from .layout import IGNORABLE, MTP_COPIES, Entry, fused_source, hf_entries, layer_index, model_shapes
 from .store import (CheckpointError, DictSource, Dequantized, SafetensorsDir, TensorSource, atomic_dir,
                     parse_size, write_shards)
@@ -91,14 +93,19 @@ def open_checkpoint(path: str | os.PathLike, mtp: bool | None = None, strict: bo
     cfg = ModelConfig.load(p)
     qc = cfg.extra.get("quantization_config")
     try:
-        fp8.check_quantization_config(qc)
+        packed = compressed.parse_config(qc) if compressed.is_compressed(qc) else None
+        if packed is None:
+            fp8.check_quantization_config(qc)
     except ValueError as e:
         raise ConfigError(f"{p / 'config.json'}: {e}") from None
-    source = Dequantized(SafetensorsDir(p), fp8.block_size(qc))
+    if packed is not None:
+        source = compressed.PackedSource(SafetensorsDir(p), packed)
+    else:
+        source = Dequantized(SafetensorsDir(p), fp8.block_size(qc))
     return _plan(cfg, source, p, mtp, strict)
 
 
-def _plan(cfg: ModelConfig, source: Dequantized, path: Path | None, mtp: bool | None, strict: bool) -> Checkpoint:
+def _plan(cfg: ModelConfig, source: Dequantized | compressed.PackedSource, path: Path | None, mtp: bool | None, strict: bool) -> Checkpoint:
     where = f" in {path}" if path else ""
     keys = source.keys()
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -172,16 +179,23 @@ def read_config_dtype(path: str | os.PathLike) -> torch.dtype | None:
 
 # ---- into a model ---------------------------------------------------------------------------------------
 def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> CausalLM:
+                    device: str | torch.device | None = None, keep_quantized: bool = False) -> CausalLM:
     """Build the model on the meta device, materialize it once (dtype, device), copy tensor by tensor.
 
-    The router's `e_score_correction_bias` stays float32 whatever `dtype` is (as in transformers)."""
+    The router's `e_score_correction_bias` stays float32 whatever `dtype` is (as in transformers).
+    keep_quantized: int4 / int8 modules of a compressed-tensors checkpoint become QuantLinear / QuantExperts
+    built from the stored ints and scales (never materialized in float); the rest loads as usual."""
     with torch.device("meta"):
         model = CausalLM(ckpt.config)
     if dtype is not None:
         model = model.to(dtype)  # free on meta: parameters are created in their final dtype
     device = torch.device(device or "cpu")
+    kept = _keepable_modules(ckpt, model) if keep_quantized else {}
+    for name in kept:  # a placeholder, so that to_empty allocates nothing for it
+        _set_submodule(model, name, torch.nn.Module())
     if device.type == "meta":
+        for name, (meta_mod, _) in kept.items():
+            _set_submodule(model, name, meta_mod)
         return model.eval()
     model = model.to_empty(device=device)
     model.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
@@ -190,23 +204,122 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
     state = model.state_dict()
     with torch.no_grad():
         for e in ckpt.entries:
-            if e.copy:
+            if e.copy or (kept and e.moonlet_name not in state):  # a kept module's weight: built below
                 continue
             dest = state[e.moonlet_name]
             dest = dest if e.expert is None else dest[e.expert]
             dest.copy_(ckpt.read(e, dtype=dest.dtype))
+        for name, (meta_mod, entries) in kept.items():
+            _set_submodule(model, name, _quant_module(ckpt, meta_mod, entries, device))
     return model.eval()
+
+
+def _set_submodule(model: torch.nn.Module, name: str, mod: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, mod)
+
+
+def _keepable_modules(ckpt: Checkpoint, model: CausalLM) -> dict[str, tuple[torch.nn.Module, list[Entry]]]:
+    """moonlet Linear / Experts modules whose weights the checkpoint stores in a format moonlet.model.quant
+    runs as is -> (the meta module, its entries). Others (e.g. int8 in groups) are dequantized, with a warning."""
+    from ..model.moe import Experts
+
+    src = ckpt.source
+    if not getattr(src, "quantized", False) or not isinstance(src, compressed.PackedSource):
+        return {}
+    by_module: dict[str, list[Entry]] = {}
+    for e in ckpt.entries:
+        if not e.copy:
+            by_module.setdefault(e.moonlet_name.rpartition(".")[0], []).append(e)
+    kept, refused = {}, []
+    for name, entries in by_module.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, Experts):
+            weights = entries
+        elif isinstance(mod, torch.nn.Linear):
+            weights = [e for e in entries if e.moonlet_name.endswith(".weight")]
+        else:
+            continue
+        packed = [src.is_packed(ckpt.locations[e.hf_name][0]) for e in weights]
+        if not any(packed):
+            continue
+        schemes = {}
+        for e in weights:
+            loc = ckpt.locations[e.hf_name][0]
+            schemes.setdefault(e.moonlet_name, set()).add(_moonlet_scheme(src.schemes.get(loc), src.shape(loc)))
+        if all(packed) and all(len(v) == 1 and None not in v for v in schemes.values()):
+            kept[name] = (mod, entries)
+        else:
+            refused.append(name)
+    if refused:
+        warnings.warn(f"{len(refused)} quantized module(s), e.g. {refused[0]}, are stored in a form moonlet's int4 / "
+                      f"int8 modules do not run as is (int8 in groups, an odd group size, or mixed within one "
+                      f"module); they are dequantized", stacklevel=4)
+    return kept
+
+
+def _moonlet_scheme(s: compressed.IntScheme | None, shape: tuple[int, ...]) -> tuple[str, int] | None:
+    """The (moonlet scheme, group size) that holds this stored weight exactly, or None."""
+    if s is None:
+        return None
+    K = shape[-1]
+    if s.num_bits == 8:
+        return ("int8", K) if s.strategy != "group" or s.group_size == K else None
+    G = s.group_size if s.strategy == "group" else K
+    return ("int4", G) if G % 2 == 0 and K % G == 0 else None
+
+
+def _quant_scale(scale: torch.Tensor, N: int, scheme: str, name: str) -> torch.Tensor:
+    """A stored scale ([N, K/G], [N, 1], [1]) -> moonlet's bf16 layout (int8 [N], int4 [N, K/G])."""
+    s = scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(N, -1)
+    s = s.expand(N, -1)
+    out = (s[:, 0] if scheme == "int8" else s).to(SCALE_DTYPE).contiguous()
+    if not torch.equal(out.to(scale.dtype), (s[:, 0] if scheme == "int8" else s)):
+        warnings.warn(f"{name}: {scale.dtype} scales rounded to bfloat16 to keep the weight quantized "
+                      f"(load without keep_quantized for the exact dequantized values)", stacklevel=5)
+    return out
+
+
+def _quant_module(ckpt: Checkpoint, meta_mod: torch.nn.Module, entries: list[Entry], device: torch.device
+                  ) -> torch.nn.Module:
+    """A QuantLinear / QuantExperts from the checkpoint's ints and scales (no float copy of the weight)."""
+    from ..model.quant import quant_experts, quant_linear, quant_weight
+
+    src: compressed.PackedSource = ckpt.source
+
+    def parts(e: Entry) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+        loc = ckpt.locations[e.hf_name][0]
+        s, q, scale = src.parts(loc)
+        scheme, G = _moonlet_scheme(s, src.shape(loc))
+        return scheme, G, q.to(device), _quant_scale(scale, q.shape[0], scheme, loc).to(device)
+
+    if isinstance(meta_mod, torch.nn.Linear):
+        w = next(e for e in entries if e.moonlet_name.endswith(".weight"))
+        scheme, G, q, scale = parts(w)
+        bias = next((ckpt.read(e).to(device) for e in entries if e.moonlet_name.endswith(".bias")), None)
+        return quant_linear(q, scale, scheme, G, meta_mod.weight.dtype, bias)
+    stacks = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        per_expert = sorted((e for e in entries if e.moonlet_name.endswith("." + proj)), key=lambda e: e.expert)
+        got = [parts(e) for e in per_expert]
+        scheme, G = got[0][:2]
+        stacks[proj] = quant_weight(torch.stack([g[2] for g in got]), torch.stack([g[3] for g in got]), scheme, G,
+                                    getattr(meta_mod, proj).dtype)
+    return quant_experts(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
 
 
 def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
                     device: str | torch.device | None = None, seed: int = 0, mtp: bool | None = None,
-                    strict: bool = True) -> CausalLM:
+                    strict: bool = True, keep_quantized: bool = False) -> CausalLM:
     """A model from a preset name (random weights from `seed`) or an HF-format checkpoint directory
-    (DeepSeek-V3 / Kimi-K2 releases incl. FP8, transformers' save_pretrained, moonlet's own).
+    (DeepSeek-V3 / Kimi-K2 releases incl. FP8, Kimi-K2-Thinking's compressed-tensors INT4, transformers'
+    save_pretrained, moonlet's own).
 
     dtype: None gives float32; "auto" the dtype the checkpoint states (bfloat16 for FP8); or a torch
     dtype / name ("bf16", "fp32", ...). device="meta" validates the
-    checkpoint and returns a model without weights. mtp/strict: see `open_checkpoint`."""
+    checkpoint and returns a model without weights. mtp/strict: see `open_checkpoint`.
+    keep_quantized: int4 / int8 weights (compressed-tensors) stay quantized (moonlet.model.quant modules
+    built from the stored ints: inference only, int4 memory); by default they are dequantized to `dtype`."""
     dtype = parse_dtype(dtype)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
         model = CausalLM(resolve_config(path_or_preset)).init_weights(seed=seed)
@@ -217,7 +330,7 @@ def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype 
     try:
         if dtype == "auto":
             dtype = ckpt.stored_dtype if ckpt.quantized else (read_config_dtype(ckpt.path) or ckpt.stored_dtype)
-        return load_checkpoint(ckpt, dtype or torch.float32, device)
+        return load_checkpoint(ckpt, dtype or torch.float32, device, keep_quantized=keep_quantized)
     finally:
         ckpt.close()
 
@@ -318,13 +431,13 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     Atomic: written to a temporary directory next to `path`, then renamed over it; files already in
     `path` that are not weights or config (tokenizer, trainer state, ...) are carried over.
     dtype: cast floating tensors (None keeps each tensor's dtype). mtp=False leaves MTP depths out.
-    for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load."""
-    from ..model.quant import QuantExperts, QuantWeight
+    for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load.
+    A model quantized with moonlet.model.quant (int4 / int8) is written in compressed-tensors'
+    pack-quantized format (Kimi-K2-Thinking's): the same ints and scales, reloadable exactly."""
+    from ..model.quant import QuantLinear, QuantWeight
 
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantWeight, QuantExperts))]
-    if quantized:  # its int layout is machine-specific; writing dequantized weights would hide the loss
-        raise ValueError(f"cannot save a weight-only quantized model ({len(quantized)} quantized modules, e.g. "
-                         f"{quantized[0]}): save the float model and pass --quantize when loading it")
+    quantized = {n + ".weight" if isinstance(m, QuantLinear) else n: m for n, m in model.named_modules()
+                 if isinstance(m, QuantWeight)}  # moonlet tensor name -> its quantized weight
     if for_transformers:
         from .hf_compat import check_hf_exportable
 
@@ -337,7 +450,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
         model.config.replace(num_nextn_predict_layers=0)
     state = model.state_dict()
     shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items() if mtp or not k.startswith("mtp.")}
-    entries = hf_entries(cfg, shapes)
+    entries = hf_entries(cfg, shapes) if not quantized else hf_entries(cfg)
 
     def fetch(e: Entry, out_dtype: torch.dtype) -> torch.Tensor:
         t = state[e.moonlet_name]
@@ -347,8 +460,67 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     with atomic_dir(path) as tmp:
         if path.is_dir():
             _carry_over(path, tmp)
-        _write_checkpoint(tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size)
+        if quantized:
+            _write_quantized(tmp, model, cfg, entries, quantized, state, dtype, max_shard_size)
+        else:
+            _write_checkpoint(tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size)
     return path
+
+
+def _write_quantized(tmp: Path, model: CausalLM, cfg: ModelConfig, entries: list[Entry], quantized: dict,
+                     state: dict[str, torch.Tensor], dtype: torch.dtype | None, max_shard_size: int | str) -> None:
+    """config.json + weights of a moonlet-quantized model in compressed-tensors pack-quantized format.
+
+    Scales are written in float32 when the float dtype is float32 (so a reader that dequantizes in the scales'
+    dtype gets moonlet's exact float32 weights), else in bfloat16 (moonlet's scale dtype, K2-Thinking's)."""
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    groups: dict[compressed.IntScheme, list[str]] = {}  # scheme -> target module names (regexes for experts)
+    ignore: list[str] = []
+    main = dtype or state["model.embed_tokens.weight"].dtype
+    for e in entries:
+        w: QuantWeight | None = quantized.get(e.moonlet_name)
+        if w is None:
+            out = _out_dtype(e, state[e.moonlet_name].dtype, dtype)
+            items.append((e.hf_name, e.shape, out))
+            fetch[e.hf_name] = lambda e=e, out=out: (state[e.moonlet_name] if e.expert is None
+                                                     else state[e.moonlet_name][e.expert]).to(out)
+            owner = e.moonlet_name.removesuffix(".weight")
+            if e.moonlet_name.endswith(".weight") and isinstance(_submodule(model, owner), torch.nn.Linear):
+                ignore.append(e.hf_name.removesuffix(".weight"))
+            continue
+        N, K = e.shape
+        base = e.hf_name.removesuffix(".weight")
+        bits = 4 if w.scheme == "int4" else 8
+        scheme = compressed.IntScheme(bits, "group" if bits == 4 else "channel", w.group_size if bits == 4 else None,
+                                      "pack-quantized")
+        experts, _, proj = base.rpartition(f".{e.expert}.")  # one regex per expert stack
+        target = base if e.expert is None else f"re:{re.escape(experts)}\\.\\d+\\.{re.escape(proj)}$"
+        if target not in groups.setdefault(scheme, []):
+            groups[scheme].append(target)
+        s_dtype = torch.float32 if (dtype or w.dtype) == torch.float32 else SCALE_DTYPE
+        s_shape = (N, K // w.group_size) if bits == 4 else (N, 1)
+        items += [(base + ".weight_packed", (N, -(-K * bits // 32)), torch.int32), (base + ".weight_scale", s_shape, s_dtype),
+                  (base + ".weight_shape", (2,), torch.int64)]
+        fetch[base + ".weight_packed"] = lambda w=w, e=e: compressed.to_packed(w.parts(e.expert)[0], w.scheme)
+        fetch[base + ".weight_scale"] = lambda w=w, e=e, sd=s_dtype, ss=s_shape: w.parts(e.expert)[1].to(sd).reshape(ss)
+        fetch[base + ".weight_shape"] = lambda N=N, K=K: torch.tensor([N, K], dtype=torch.int64)
+    targets = list(groups.items())
+    if len(targets) == 1:  # one scheme: every linear layer not in `ignore` (K2-Thinking's config has this form)
+        targets = [(["Linear"], targets[0][0])]
+    else:
+        targets = [(t, s) for s, t in targets]
+    d = hf_config_dict(cfg, main)
+    d["quantization_config"] = compressed.quantization_config(targets, ignore)
+    (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    write_shards(tmp, items, lambda n: fetch[n](), max_shard_size)
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _carry_over(old: Path, new: Path) -> None:

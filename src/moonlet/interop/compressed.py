@@ -1,0 +1,321 @@
+"""compressed-tensors INT4 / INT8 checkpoints, the format of Kimi-K2-Thinking's native INT4 release.
+
+On disk a quantized linear layer `M` stores, instead of `M.weight` [N, K] (format "pack-quantized"):
+  M.weight_packed  int32 [N, ceil(K*b/32)]: the b-bit values q (b = 4: -8..7, b = 8: -128..127) stored
+                   offset-binary (q + 2^(b-1)), 32/b per word, value k at bits b*(k % (32/b)) of word
+                   k // (32/b), lowest bits first
+  M.weight_scale   float [N, K/G] (strategy "group", group_size G), [N, 1] ("channel") or [1] ("tensor")
+  M.weight_shape   int [2] = (N, K)
+and W = q * scale. Format "int-quantized" stores `M.weight` as int8 with the same scales. config.json's
+`quantization_config` (quant_method "compressed-tensors") has `config_groups`, each with `targets` and the
+`weights` arguments (num_bits, type "int", symmetric, strategy, group_size), and an `ignore` list. A target
+or ignore entry is a module name, "re:<regex>" (re.match on the name) or a class name ("Linear": every
+linear layer); a module is quantized by the first group that targets it unless `ignore` names it.
+
+Little-endian int32 words of 4-bit values are, byte for byte, moonlet's canonical int4 (nibble q + 8,
+column 2j low, 2j+1 high: moonlet.model.quant), and of 8-bit values its int8 with the top bit flipped,
+so conversion both ways is a reinterpretation (arithmetic only when K does not fill the last word).
+
+`PackedSource` reads such a checkpoint: every quantized `M.weight` reads as a float tensor (dequantized,
+like FP8 in store.Dequantized), and `parts(name)` gives its stored ints and scales to build moonlet's
+QuantLinear / QuantExperts directly. Writing: `to_packed` and `quantization_config`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..model.quant import pack_int4, unpack_int4
+from .store import CheckpointError, Index, TensorSource
+
+QUANT_METHOD = "compressed-tensors"
+FORMATS = ("pack-quantized", "int-quantized")
+STRATEGIES = ("group", "channel", "tensor")
+# module tensors the format adds next to (or instead of) `weight`
+_PARAMS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+
+
+@dataclass(frozen=True)
+class IntScheme:
+    """How one config group stores its weights."""
+
+    num_bits: int  # 4 or 8
+    strategy: str  # "group" | "channel" | "tensor"
+    group_size: int | None  # for "group"
+    format: str  # "pack-quantized" | "int-quantized"
+
+    def weights_args(self) -> dict[str, Any]:
+        """The `weights` object of a config group (QuantizationArgs' fields)."""
+        return {"num_bits": self.num_bits, "type": "int", "symmetric": True, "strategy": self.strategy,
+                "group_size": self.group_size, "dynamic": False, "actorder": None, "block_structure": None,
+                "observer": "minmax", "observer_kwargs": {}}
+
+
+@dataclass
+class CompressedConfig:
+    groups: list[tuple[str, list[str], IntScheme]]  # (group name, targets, scheme)
+    ignore: list[str]
+
+    def scheme_for(self, module: str) -> IntScheme | None:
+        """The scheme of the module with this (checkpoint) name, None if it stays in float."""
+        if _matches(module, self.ignore):
+            return None
+        return next((s for _, targets, s in self.groups if _matches(module, targets)), None)
+
+
+def _matches(module: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.match(p[3:], module):
+                return True
+        elif p == module or p == "Linear":  # only linear layers carry quantized weights
+            return True
+    return False
+
+
+def is_compressed(qc: Any) -> bool:
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def parse_config(qc: dict[str, Any]) -> CompressedConfig:
+    """A compressed-tensors quantization_config -> CompressedConfig; ValueError for what moonlet cannot read."""
+    where = "quantization_config"
+    top_format = qc.get("format", "pack-quantized")
+    status = qc.get("quantization_status", "compressed")
+    if status != "compressed":
+        raise ValueError(f"{where}.quantization_status {status!r} is not supported (only 'compressed' weights)")
+    if qc.get("kv_cache_scheme"):
+        raise ValueError(f"{where}.kv_cache_scheme is set; moonlet does not quantize the KV cache")
+    sparsity = qc.get("sparsity_config")
+    if sparsity and sparsity.get("format", "dense") != "dense":
+        raise ValueError(f"{where}.sparsity_config (format {sparsity.get('format')!r}) is not supported")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise ValueError(f"{where}.config_groups must be a non-empty object")
+    out = []
+    for name, g in groups.items():
+        at = f"{where}.config_groups.{name}"
+        if not isinstance(g, dict):
+            raise ValueError(f"{at}: preset schemes (a list of targets) are not supported; spell out `weights`")
+        targets = g.get("targets")
+        if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+            raise ValueError(f"{at}.targets must be a non-empty list of strings, got {targets!r}")
+        for act in ("input_activations", "output_activations"):
+            if g.get(act):
+                raise ValueError(f"{at}.{act} is set: activation quantization is not supported "
+                                 f"(moonlet reads weight-only int4 / int8)")
+        w = g.get("weights")
+        if not isinstance(w, dict):
+            raise ValueError(f"{at}.weights must be an object, got {w!r}")
+        fmt = g.get("format") or top_format
+        if fmt == "mixed-precision" or fmt not in FORMATS:
+            raise ValueError(f"{at}: format {fmt!r} is not supported; moonlet reads {', '.join(FORMATS)}")
+        if w.get("type", "int") != "int":
+            raise ValueError(f"{at}.weights.type {w.get('type')!r} is not supported (only 'int')")
+        if not w.get("symmetric", True):
+            raise ValueError(f"{at}.weights: asymmetric quantization (symmetric: false, with a zero point) is "
+                             f"not supported; moonlet reads symmetric int4 / int8")
+        bits = w.get("num_bits", 8)
+        if bits not in ((4, 8) if fmt == "pack-quantized" else (8,)):
+            raise ValueError(f"{at}.weights.num_bits {bits!r} is not supported in {fmt} (moonlet reads "
+                             f"{'4 and 8' if fmt == 'pack-quantized' else '8'})")
+        gs = w.get("group_size")
+        strategy = w.get("strategy") or ("group" if gs and gs > 0 else "channel" if gs == -1 else "tensor")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{at}.weights.strategy {strategy!r} is not supported ({', '.join(STRATEGIES)})")
+        if strategy == "group" and not (isinstance(gs, int) and gs > 0):
+            raise ValueError(f"{at}.weights: strategy 'group' needs a positive group_size, got {gs!r}")
+        if w.get("actorder") == "group":
+            raise ValueError(f"{at}.weights.actorder 'group' (a permuted weight_g_idx) is not supported")
+        out.append((name, list(targets), IntScheme(bits, strategy, gs if strategy == "group" else None, fmt)))
+    ignore = qc.get("ignore") or []
+    if not (isinstance(ignore, list) and all(isinstance(t, str) for t in ignore)):
+        raise ValueError(f"{where}.ignore must be a list of strings, got {ignore!r}")
+    return CompressedConfig(out, list(ignore))
+
+
+def quantization_config(groups: list[tuple[list[str], IntScheme]], ignore: list[str]) -> dict[str, Any]:
+    """config.json's quantization_config for weights written with `to_packed`."""
+    return {"quant_method": QUANT_METHOD, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {f"group_{i}": {"targets": t, "weights": s.weights_args(), "input_activations": None,
+                                             "output_activations": None} for i, (t, s) in enumerate(groups)},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+# ---- ints: the format's <-> moonlet's -------------------------------------------------------------------
+def unpack(packed: torch.Tensor, num_bits: int, K: int) -> torch.Tensor:
+    """int32 [..., W] -> the signed values int8 [..., K] (reference arithmetic for any K)."""
+    per = 32 // num_bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * num_bits
+    v = (packed.unsqueeze(-1) >> shifts) & ((1 << num_bits) - 1)
+    return (v.flatten(-2)[..., :K] - (1 << (num_bits - 1))).to(torch.int8)
+
+
+def pack(q: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Signed values int8 [..., K] -> int32 [..., ceil(K*b/32)] (the inverse of unpack; pad bits are 0)."""
+    per = 32 // num_bits
+    K = q.shape[-1]
+    u = q.to(torch.int64) + (1 << (num_bits - 1))
+    u = torch.nn.functional.pad(u, (0, -K % per)).unflatten(-1, (-1, per))
+    shifts = torch.arange(per, dtype=torch.int64, device=q.device) * num_bits
+    words = (u << shifts).sum(-1)  # disjoint bit fields, < 2^32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _bytes_are_values(num_bits: int, K: int) -> bool:
+    return sys.byteorder == "little" and K % (32 // num_bits) == 0
+
+
+def to_moonlet(packed: torch.Tensor, num_bits: int, K: int) -> torch.Tensor:
+    """weight_packed int32 [..., W] -> moonlet's canonical ints: int8 [..., K] (8 bits) or uint8 [..., K/2] (4)."""
+    if _bytes_are_values(num_bits, K):
+        u = packed.contiguous().view(torch.uint8)
+        return u.clone() if num_bits == 4 else (u ^ 0x80).view(torch.int8)
+    q = unpack(packed, num_bits, K)
+    return pack_int4(q) if num_bits == 4 else q
+
+
+def to_packed(q: torch.Tensor, scheme: str) -> torch.Tensor:
+    """moonlet's canonical ints (quant.QuantWeight.parts) -> weight_packed int32."""
+    bits = 4 if scheme == "int4" else 8
+    K = q.shape[-1] * (2 if bits == 4 else 1)
+    if _bytes_are_values(bits, K):
+        u = q.contiguous() if bits == 4 else q.contiguous().view(torch.uint8) ^ 0x80
+        return u.view(torch.int32).clone()
+    return pack(unpack_int4(q) if bits == 4 else q, bits)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 values [N, K] * scale ([N, K/G], [N, 1] or [1]) -> [N, K] in dtype (exact in float32, one rounding)."""
+    N, K = q.shape
+    s = scale.float()
+    s = (s.reshape(1, 1) if s.numel() == 1 else s.reshape(N, -1)).expand(N, -1)
+    return (q.float().unflatten(-1, (s.shape[1], -1)) * s[..., None]).flatten(-2).to(dtype)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+class PackedSource:
+    """A TensorSource over a compressed-tensors checkpoint: `M.weight` of every quantized module reads as a
+    float tensor (the scales' dtype unless asked), `parts` gives the stored ints. Validates names, dtypes and
+    shapes of every quantized module from the headers (and the tiny `weight_shape` tensors)."""
+
+    def __init__(self, inner: TensorSource, cfg: CompressedConfig):
+        self.inner, self.cfg = inner, cfg
+        keys = inner.keys()
+        key_set = set(keys)
+        self.schemes: dict[str, IntScheme] = {}  # "M.weight" -> scheme
+        self._shapes: dict[str, tuple[int, int]] = {}
+        for k in keys:
+            mod, _, leaf = k.rpartition(".")
+            if leaf not in _PARAMS and not (leaf == "weight" and inner.dtype(k) == torch.int8):
+                continue
+            if leaf in ("weight_zero_point", "weight_g_idx"):
+                raise CheckpointError(f"{k}: {'asymmetric quantization (a zero point)' if 'zero' in leaf else 'activation-ordered groups (g_idx)'} "
+                                      f"is not supported")
+            if leaf in ("weight_scale", "weight_shape"):
+                if f"{mod}.weight_packed" not in key_set and f"{mod}.weight" not in key_set:
+                    raise CheckpointError(f"{k} has no {mod}.weight_packed (or int8 {mod}.weight) to go with it")
+                continue
+            scheme = cfg.scheme_for(mod)
+            if scheme is None:
+                raise CheckpointError(f"{k} is quantized, but quantization_config's targets / ignore leave module "
+                                      f"{mod} in float")
+            want = "pack-quantized" if leaf == "weight_packed" else "int-quantized"
+            if scheme.format != want:
+                raise CheckpointError(f"{k}: module {mod} is stored {want}, but its config group says {scheme.format}")
+            for need in ("weight_scale",) + (("weight_shape",) if leaf == "weight_packed" else ()):
+                if f"{mod}.{need}" not in key_set:
+                    raise CheckpointError(f"missing tensor {mod}.{need} for the quantized {k}")
+            self.schemes[f"{mod}.weight"] = scheme
+        self._keys = [k for k in keys if k.rpartition(".")[2] not in _PARAMS] + [
+            k for k in self.schemes if k not in key_set]
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.schemes)
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def is_packed(self, name: str) -> bool:
+        return name in self.schemes
+
+    def _stored(self, name: str, suffix: str) -> str:
+        return name[: -len("weight")] + suffix
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.schemes:
+            return self.inner.shape(name)
+        if name not in self._shapes:
+            self._shapes[name] = self._check(name)
+        return self._shapes[name]
+
+    def _check(self, name: str) -> tuple[int, int]:
+        """(N, K) of a quantized weight, after checking its tensors' dtypes and shapes against each other."""
+        s = self.schemes[name]
+        if s.format == "pack-quantized":
+            shp = self.inner.get(self._stored(name, "weight_shape"))
+            if shp.dim() != 1 or shp.numel() != 2 or shp.is_floating_point() or bool((shp <= 0).any()):
+                raise CheckpointError(f"{self._stored(name, 'weight_shape')} must hold two positive integers "
+                                      f"(rows, cols) of a 2-D weight, got {shp.tolist()}")
+            N, K = (int(v) for v in shp)
+            pk = self._stored(name, "weight_packed")
+            want = (N, math.ceil(K * s.num_bits / 32))
+            if self.inner.dtype(pk) != torch.int32 or self.inner.shape(pk) != want:
+                raise CheckpointError(f"{pk} is {self.inner.dtype(pk)} {self.inner.shape(pk)}, expected int32 {want} "
+                                      f"for a {s.num_bits}-bit weight of shape {(N, K)} (weight_shape)")
+        else:
+            shape = self.inner.shape(name)
+            if len(shape) != 2:
+                raise CheckpointError(f"{name}: int8 weight must be 2-D, got shape {shape}")
+            N, K = shape
+        sc = self._stored(name, "weight_scale")
+        if s.strategy == "group":
+            if K % s.group_size:
+                raise CheckpointError(f"{name}: {K} columns do not split into groups of {s.group_size}")
+            want_s = [(N, K // s.group_size)]
+        else:
+            want_s = [(N, 1), (N,)] if s.strategy == "channel" else [(1,), (1, 1), ()]
+        if self.inner.shape(sc) not in want_s or not self.inner.dtype(sc).is_floating_point:
+            raise CheckpointError(f"{sc} is {self.inner.dtype(sc)} {self.inner.shape(sc)}, expected a float tensor of "
+                                  f"shape {want_s[0]} ({s.strategy} strategy, weight {(N, K)})")
+        return N, K
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self.schemes:
+            return self.inner.dtype(name)
+        return self.inner.dtype(self._stored(name, "weight_scale"))
+
+    def values(self, name: str) -> torch.Tensor:
+        """The stored signed values int8 [N, K] of a quantized weight."""
+        N, K = self.shape(name)
+        s = self.schemes[name]
+        if s.format == "int-quantized":
+            return self.inner.get(name)
+        return unpack(self.inner.get(self._stored(name, "weight_packed")), s.num_bits, K)
+
+    def parts(self, name: str) -> tuple[IntScheme, torch.Tensor, torch.Tensor]:
+        """(scheme, moonlet's canonical ints (int8 [N, K] or packed uint8 [N, K/2]), stored scale)."""
+        N, K = self.shape(name)
+        s = self.schemes[name]
+        if s.format == "int-quantized":
+            q = self.inner.get(name)
+        else:
+            q = to_moonlet(self.inner.get(self._stored(name, "weight_packed")), s.num_bits, K)
+        return s, q, self.inner.get(self._stored(name, "weight_scale"))
+
+    def get(self, name: str, index: Index = (), dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.schemes:
+            return self.inner.get(name, index, dtype)
+        scale = self.inner.get(self._stored(name, "weight_scale"))
+        w = dequantize(self.values(name), scale, dtype or scale.dtype)
+        return w[index] if index else w
+
+    def close(self) -> None:
+        self.inner.close()
