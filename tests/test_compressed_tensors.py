@@ -138,7 +138,8 @@ def test_engine_serves_the_checkpoint_quantized(tmp_path):
     """Engine.from_pretrained keeps the stored ints: greedy output = the in-memory quantized model's."""
     model = _model(seed=3, num_nextn_predict_layers=0)
     quantize_model(model, "int4")
-    save_pretrained(model, tmp_path / "q")
+    save_pretrained(model, tmp_path / "q", max_shard_size="100KB")  # sharded: the index maps the packed tensors
+    assert len(list((tmp_path / "q").glob("model-*.safetensors"))) > 1
     eng = Engine.from_pretrained(tmp_path / "q", max_batch=2)
     assert isinstance(eng.model.model.layers[1].mlp.experts, QuantExperts)
     prompts = [[5, 9, 2, 77], [3, 1, 4, 1, 5, 9]]
@@ -218,6 +219,56 @@ def test_k2_thinking_style_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["info", str(tmp_path / "k2" / "config.json")]) == 0
     assert "(deepseek_v3)" in capsys.readouterr().out
+
+
+def test_two_groups_channel_tensor_and_int_quantized(tmp_path):
+    """Two config groups with explicit targets: routed experts int4 per channel (pack-quantized), q_b_proj int8
+    with one scale per tensor stored as plain int8 (`int-quantized`); every weight dequantizes to q * scale."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    model = _model(seed=6, num_nextn_predict_layers=0)
+    save_pretrained(model, tmp_path / "m")
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    ref = {}
+    for name in [n for n in tensors if ".mlp.experts." in n or n.endswith("q_b_proj.weight")]:
+        N, K = tensors.pop(name).shape
+        base = name.removesuffix(".weight")
+        if ".experts." in name:
+            q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
+            scale = (torch.rand(N, 1, generator=g) / 50).to(torch.bfloat16)
+            tensors.update({base + ".weight_packed": helpers.pack_to_int32(q, 4), base + ".weight_scale": scale,
+                            base + ".weight_shape": torch.tensor([N, K])})
+        else:
+            q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+            scale = torch.tensor([0.0009765625])  # 2^-10, float32
+            tensors.update({name: q, base + ".weight_scale": scale})
+        ref[name] = q.float() * scale.float()
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    weights = lambda **kw: {"num_bits": 4, "type": "int", "symmetric": True, **kw}  # noqa: E731
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "mixed-precision", "quantization_status": "compressed",
+        "config_groups": {"experts": {"targets": ["re:.*mlp\\.experts\\.\\d+\\..*"], "format": "pack-quantized",
+                                      "weights": weights(strategy="channel")},
+                          "attn": {"targets": ["re:.*q_b_proj$"], "format": "int-quantized",
+                                   "weights": weights(num_bits=8, strategy="tensor")}},
+        "ignore": ["lm_head"]}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    deq = moonlet.from_pretrained(tmp_path / "m")
+    sd = deq.state_dict()
+    for name, w in ref.items():
+        if ".experts." in name:
+            layer, e, proj = name.split(".")[2], int(name.split(".")[5]), name.split(".")[6]
+            got = sd[f"model.layers.{layer}.mlp.experts.{proj}"][e]
+        else:
+            got = sd[name]
+        assert torch.equal(got, w), name
+    kept = moonlet.from_pretrained(tmp_path / "m", keep_quantized=True)
+    ex, qb = kept.model.layers[1].mlp.experts, kept.model.layers[1].self_attn.q_b_proj
+    assert isinstance(ex, QuantExperts) and ex.down_proj.group_size == 32  # one group per row = per channel
+    assert isinstance(qb, QuantLinear) and qb.scheme == "int8" and torch.equal(qb.weight, sd["model.layers.1.self_attn.q_b_proj.weight"])
+    with torch.no_grad():
+        assert (kept(_ids()).logits - deq(_ids()).logits).abs().max() < 0.05  # bf16 activations in the kernels
 
 
 # ---- bad input ------------------------------------------------------------------------------------------

@@ -215,9 +215,10 @@ class PackedSource:
             mod, _, leaf = k.rpartition(".")
             if leaf not in _PARAMS and not (leaf == "weight" and inner.dtype(k) == torch.int8):
                 continue
-            if leaf in ("weight_zero_point", "weight_g_idx"):
-                raise CheckpointError(f"{k}: {'asymmetric quantization (a zero point)' if 'zero' in leaf else 'activation-ordered groups (g_idx)'} "
-                                      f"is not supported")
+            if leaf == "weight_zero_point":
+                raise CheckpointError(f"{k}: asymmetric quantization (a zero point) is not supported")
+            if leaf == "weight_g_idx":
+                raise CheckpointError(f"{k}: activation-ordered groups (a g_idx permutation) are not supported")
             if leaf in ("weight_scale", "weight_shape"):
                 if f"{mod}.weight_packed" not in key_set and f"{mod}.weight" not in key_set:
                     raise CheckpointError(f"{k} has no {mod}.weight_packed (or int8 {mod}.weight) to go with it")
@@ -298,7 +299,10 @@ class PackedSource:
         s = self.schemes[name]
         if s.format == "int-quantized":
             return self.inner.get(name)
-        return unpack(self.inner.get(self._stored(name, "weight_packed")), s.num_bits, K)
+        packed = self.inner.get(self._stored(name, "weight_packed"))
+        if s.num_bits == 4 and K % 2 == 0:  # through moonlet's byte layout: the cheap path
+            return unpack_int4(to_moonlet(packed, 4, K))
+        return to_moonlet(packed, 8, K) if s.num_bits == 8 else unpack(packed, 4, K)
 
     def parts(self, name: str) -> tuple[IntScheme, torch.Tensor, torch.Tensor]:
         """(scheme, moonlet's canonical ints (int8 [N, K] or packed uint8 [N, K/2]), stored scale)."""
