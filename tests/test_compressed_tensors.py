@@ -230,9 +230,15 @@ def test_two_groups_channel_tensor_and_int_quantized(tmp_path):
     tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
     g = torch.Generator().manual_seed(0)
     ref = {}
-    for name in [n for n in tensors if ".mlp.experts." in n or n.endswith("q_b_proj.weight")]:
+    for name in [n for n in tensors if ".mlp.experts." in n or n.endswith(("q_b_proj.weight", "o_proj.weight"))]:
         N, K = tensors.pop(name).shape
         base = name.removesuffix(".weight")
+        if name.endswith("o_proj.weight"):  # int8 in groups of 16: moonlet's int8 modules cannot hold it
+            q = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8)
+            scale = (torch.rand(N, K // 16, generator=g) / 50).to(torch.bfloat16)
+            tensors.update({name: q, base + ".weight_scale": scale})
+            ref[name] = (q.float().unflatten(1, (-1, 16)) * scale.float()[..., None]).flatten(1)
+            continue
         if ".experts." in name:
             q = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
             scale = (torch.rand(N, 1, generator=g) / 50).to(torch.bfloat16)
@@ -251,7 +257,9 @@ def test_two_groups_channel_tensor_and_int_quantized(tmp_path):
         "config_groups": {"experts": {"targets": ["re:.*mlp\\.experts\\.\\d+\\..*"], "format": "pack-quantized",
                                       "weights": weights(strategy="channel")},
                           "attn": {"targets": ["re:.*q_b_proj$"], "format": "int-quantized",
-                                   "weights": weights(num_bits=8, strategy="tensor")}},
+                                   "weights": weights(num_bits=8, strategy="tensor")},
+                          "o": {"targets": ["re:.*o_proj$"], "format": "int-quantized",
+                                "weights": weights(num_bits=8, strategy="group", group_size=16)}},
         "ignore": ["lm_head"]}
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     deq = moonlet.from_pretrained(tmp_path / "m")
@@ -263,7 +271,10 @@ def test_two_groups_channel_tensor_and_int_quantized(tmp_path):
         else:
             got = sd[name]
         assert torch.equal(got, w), name
-    kept = moonlet.from_pretrained(tmp_path / "m", keep_quantized=True)
+    with pytest.warns(UserWarning, match="int8 in groups.*they are dequantized"):
+        kept = moonlet.from_pretrained(tmp_path / "m", keep_quantized=True)
+    o_proj = kept.model.layers[1].self_attn.o_proj
+    assert not isinstance(o_proj, QuantWeight) and torch.equal(o_proj.weight, ref["model.layers.1.self_attn.o_proj.weight"])
     ex, qb = kept.model.layers[1].mlp.experts, kept.model.layers[1].self_attn.q_b_proj
     assert isinstance(ex, QuantExperts) and ex.down_proj.group_size == 32  # one group per row = per channel
     assert isinstance(qb, QuantLinear) and qb.scheme == "int8" and torch.equal(qb.weight, sd["model.layers.1.self_attn.q_b_proj.weight"])

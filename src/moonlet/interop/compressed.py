@@ -17,8 +17,9 @@ column 2j low, 2j+1 high: moonlet.model.quant), and of 8-bit values its int8 wit
 so conversion both ways is a reinterpretation (arithmetic only when K does not fill the last word).
 
 `PackedSource` reads such a checkpoint: every quantized `M.weight` reads as a float tensor (dequantized,
-like FP8 in store.Dequantized), and `parts(name)` gives its stored ints and scales to build moonlet's
-QuantLinear / QuantExperts directly. Writing: `to_packed` and `quantization_config`.
+like FP8 in store.Dequantized), and `parts(name)` gives its stored ints and scales, from which
+`quant_module` builds moonlet's QuantLinear / QuantExperts directly (interop.hf, keep_quantized).
+Writing (interop.hf.save_pretrained of a quantized model): `packed_items` and `export_config`.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from ..model.quant import pack_int4, unpack_int4
+from ..model.moe import Experts
+from ..model.quant import (SCALE_DTYPE, QuantWeight, pack_int4, quant_experts, quant_linear, quant_weight,
+                           unpack_int4)
+from .layout import Entry
 from .store import CheckpointError, Index, TensorSource
 
 QUANT_METHOD = "compressed-tensors"
@@ -323,3 +328,142 @@ class PackedSource:
 
     def close(self) -> None:
         self.inner.close()
+
+
+# ---- into moonlet's quantized modules (load with keep_quantized) ----------------------------------------------
+def moonlet_scheme(s: IntScheme | None, K: int) -> tuple[str, int] | None:
+    """The (moonlet scheme, group size) that holds a stored weight with K columns exactly, or None."""
+    if s is None:
+        return None
+    if s.num_bits == 8:  # moonlet's int8 has one scale per row
+        return ("int8", K) if s.strategy != "group" or s.group_size == K else None
+    G = s.group_size if s.strategy == "group" else K
+    return ("int4", G) if G % 2 == 0 and K % G == 0 else None
+
+
+def keepable_modules(ckpt, model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list[Entry]]]:
+    """The model's Linear / Experts modules whose weights the checkpoint (interop.hf.Checkpoint) stores in a
+    form moonlet.model.quant runs as is -> (the meta module, its entries). Others (e.g. int8 in groups, or
+    only some experts quantized) are left to be dequantized, with a warning."""
+    src = ckpt.source
+    if not isinstance(src, PackedSource) or not src.quantized:
+        return {}
+    by_module: dict[str, list[Entry]] = {}
+    for e in ckpt.entries:
+        if not e.copy:
+            by_module.setdefault(e.moonlet_name.rpartition(".")[0], []).append(e)
+    kept, refused = {}, []
+    for name, entries in by_module.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, Experts):
+            weights = entries
+        elif isinstance(mod, torch.nn.Linear):
+            weights = [e for e in entries if e.moonlet_name.endswith(".weight")]
+        else:
+            continue
+        stored = [ckpt.locations[e.hf_name][0] for e in weights]
+        if not any(src.is_packed(n) for n in stored):
+            continue
+        schemes: dict[str, set] = {}  # moonlet tensor -> the moonlet schemes of its stored matrices
+        for e, n in zip(weights, stored):
+            schemes.setdefault(e.moonlet_name, set()).add(moonlet_scheme(src.schemes.get(n), src.shape(n)[-1]))
+        if all(len(v) == 1 and None not in v for v in schemes.values()):
+            kept[name] = (mod, entries)
+        else:
+            refused.append(name)
+    if refused:
+        warnings.warn(f"{len(refused)} quantized module(s), e.g. {refused[0]}, are stored in a form moonlet's int4 / "
+                      f"int8 modules do not run as is (int8 in groups, an odd group size, or mixed within one "
+                      f"module); they are dequantized", stacklevel=4)
+    return kept
+
+
+def _moonlet_scale(scale: torch.Tensor, N: int, scheme: str, name: str) -> torch.Tensor:
+    """A stored scale ([N, K/G], [N, 1] or [1]) -> moonlet's bf16 layout (int8 [N], int4 [N, K/G])."""
+    s = (scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(N, -1)).expand(N, -1)
+    s = s[:, 0] if scheme == "int8" else s
+    out = s.to(SCALE_DTYPE).contiguous()
+    if not torch.equal(out.to(scale.dtype), s):
+        warnings.warn(f"{name}: {scale.dtype} scales rounded to bfloat16 to keep the weight quantized "
+                      f"(load without keep_quantized for the exact dequantized values)", stacklevel=5)
+    return out
+
+
+def quant_module(ckpt, meta_mod: torch.nn.Module, entries: list[Entry], device: torch.device) -> torch.nn.Module:
+    """A QuantLinear / QuantExperts from the checkpoint's ints and scales (the float weight never exists)."""
+    src: PackedSource = ckpt.source
+
+    def parts(e: Entry) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+        name = ckpt.locations[e.hf_name][0]
+        s, q, scale = src.parts(name)
+        scheme, G = moonlet_scheme(s, src.shape(name)[-1])
+        return scheme, G, q.to(device), _moonlet_scale(scale, q.shape[0], scheme, name).to(device)
+
+    if isinstance(meta_mod, torch.nn.Linear):
+        scheme, G, q, scale = parts(next(e for e in entries if e.moonlet_name.endswith(".weight")))
+        bias = next((ckpt.read(e).to(device) for e in entries if e.moonlet_name.endswith(".bias")), None)
+        return quant_linear(q, scale, scheme, G, meta_mod.weight.dtype, bias)
+    stacks = {}
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        got = [parts(e) for e in sorted((e for e in entries if e.moonlet_name.endswith("." + proj)),
+                                        key=lambda e: e.expert)]
+        scheme, G = got[0][:2]
+        stacks[proj] = quant_weight(torch.stack([g[2] for g in got]), torch.stack([g[3] for g in got]), scheme, G,
+                                    getattr(meta_mod, proj).dtype)
+    return quant_experts(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
+
+
+# ---- from moonlet's quantized modules (save_pretrained) -------------------------------------------------------
+def _scheme_of(w: QuantWeight) -> IntScheme:
+    if w.scheme == "int4":
+        return IntScheme(4, "group", w.group_size, "pack-quantized")
+    return IntScheme(8, "channel", None, "pack-quantized")
+
+
+def packed_items(e: Entry, w: QuantWeight, dtype: torch.dtype | None
+                 ) -> list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]:
+    """The tensors (name, shape, dtype, fetch) that store checkpoint entry `e` of quantized weight `w`.
+
+    Scales are float32 when the float dtype is float32 (a reader that dequantizes in the scales' dtype, as
+    compressed-tensors does, then gets moonlet's exact float32 weights), else bfloat16 (K2-Thinking's)."""
+    N, K = e.shape
+    s = _scheme_of(w)
+    base = e.hf_name.removesuffix(".weight")
+    s_dtype = torch.float32 if (dtype or w.dtype) == torch.float32 else SCALE_DTYPE
+    s_shape = (N, K // w.group_size) if s.num_bits == 4 else (N, 1)
+    return [(base + ".weight_packed", (N, math.ceil(K * s.num_bits / 32)), torch.int32,
+             lambda: to_packed(w.parts(e.expert)[0], w.scheme)),
+            (base + ".weight_scale", s_shape, s_dtype, lambda: w.parts(e.expert)[1].to(s_dtype).reshape(s_shape)),
+            (base + ".weight_shape", (2,), torch.int64, lambda: torch.tensor([N, K], dtype=torch.int64))]
+
+
+def export_config(model: torch.nn.Module, entries: list[Entry], quantized: dict[str, QuantWeight]) -> dict[str, Any]:
+    """quantization_config for a model saved with `packed_items`: one scheme -> targets ["Linear"] and every
+    float linear layer in `ignore` (K2-Thinking's form); several -> each group targets its modules by name
+    (a regex per expert stack)."""
+    groups: dict[IntScheme, list[str]] = {}
+    ignore: list[str] = []
+    for e in entries:
+        module = e.hf_name.removesuffix(".weight")
+        w = quantized.get(e.moonlet_name)
+        if w is None:
+            if e.moonlet_name.endswith(".weight") and isinstance(_submodule(model, e.moonlet_name[:-7]), torch.nn.Linear):
+                ignore.append(module)
+            continue
+        if e.expert is not None:
+            stack, _, proj = module.rpartition(f".{e.expert}.")
+            module = f"re:{re.escape(stack)}\\.\\d+\\.{re.escape(proj)}$"
+        targets = groups.setdefault(_scheme_of(w), [])
+        if module not in targets:
+            targets.append(module)
+    pairs = [(t, s) for s, t in groups.items()]
+    if len(pairs) == 1:
+        pairs = [(["Linear"], pairs[0][1])]
+    return quantization_config(pairs, ignore)
+
+
+def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -2,12 +2,14 @@
 
 A checkpoint directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), optionally FP8 weights with 128x128 block `weight_scale_inv`
-(DeepSeek-V3, Kimi-K2) or compressed-tensors int4 / int8 weights (Kimi-K2-Thinking; `compressed.py`), which
-load dequantized or, with `keep_quantized`, as moonlet's QuantLinear / QuantExperts from the stored ints. `open_checkpoint` validates config and every tensor's presence and shape
-from the file headers alone, before anything is allocated; loading then builds the model on the
-meta device, materializes it once in the target dtype/device and copies tensor by tensor, so the
-peak memory is the model plus one tensor. `convert_checkpoint` streams shard by shard and never
-builds the model at all. The name mapping lives in `layout.py`, FP8 in `fp8.py`, files in `store.py`.
+(DeepSeek-V3, Kimi-K2) or compressed-tensors int4 / int8 weights (Kimi-K2-Thinking), which load
+dequantized or, with `keep_quantized`, as moonlet's QuantLinear / QuantExperts from the stored ints.
+`open_checkpoint` validates config and every tensor's presence and shape from the file headers
+alone, before anything is allocated; loading then builds the model on the meta device, materializes
+it once in the target dtype/device and copies tensor by tensor, so the peak memory is the model plus
+one tensor. `convert_checkpoint` streams shard by shard and never
+builds the model at all. The name mapping lives in `layout.py`, FP8 in `fp8.py`, int4 / int8 in
+`compressed.py`, files in `store.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 
 from ..config import ConfigError, ModelConfig, PRESETS, resolve_config
 from ..model import CausalLM
-from ..model.quant import SCALE_DTYPE
 from . import compressed, fp8
 from .layout import IGNORABLE, MTP_COPIES, Entry, fused_source, hf_entries, layer_index, model_shapes
 from .store import (CheckpointError, DictSource, Dequantized, SafetensorsDir, TensorSource, atomic_dir,
@@ -105,7 +106,8 @@ def open_checkpoint(path: str | os.PathLike, mtp: bool | None = None, strict: bo
     return _plan(cfg, source, p, mtp, strict)
 
 
-def _plan(cfg: ModelConfig, source: Dequantized | compressed.PackedSource, path: Path | None, mtp: bool | None, strict: bool) -> Checkpoint:
+def _plan(cfg: ModelConfig, source: Dequantized | compressed.PackedSource, path: Path | None, mtp: bool | None,
+          strict: bool) -> Checkpoint:
     where = f" in {path}" if path else ""
     keys = source.keys()
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -190,7 +192,7 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
     if dtype is not None:
         model = model.to(dtype)  # free on meta: parameters are created in their final dtype
     device = torch.device(device or "cpu")
-    kept = _keepable_modules(ckpt, model) if keep_quantized else {}
+    kept = compressed.keepable_modules(ckpt, model) if keep_quantized else {}
     for name in kept:  # a placeholder, so that to_empty allocates nothing for it
         _set_submodule(model, name, torch.nn.Module())
     if device.type == "meta":
@@ -210,102 +212,13 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
             dest = dest if e.expert is None else dest[e.expert]
             dest.copy_(ckpt.read(e, dtype=dest.dtype))
         for name, (meta_mod, entries) in kept.items():
-            _set_submodule(model, name, _quant_module(ckpt, meta_mod, entries, device))
+            _set_submodule(model, name, compressed.quant_module(ckpt, meta_mod, entries, device))
     return model.eval()
 
 
 def _set_submodule(model: torch.nn.Module, name: str, mod: torch.nn.Module) -> None:
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, mod)
-
-
-def _keepable_modules(ckpt: Checkpoint, model: CausalLM) -> dict[str, tuple[torch.nn.Module, list[Entry]]]:
-    """moonlet Linear / Experts modules whose weights the checkpoint stores in a format moonlet.model.quant
-    runs as is -> (the meta module, its entries). Others (e.g. int8 in groups) are dequantized, with a warning."""
-    from ..model.moe import Experts
-
-    src = ckpt.source
-    if not getattr(src, "quantized", False) or not isinstance(src, compressed.PackedSource):
-        return {}
-    by_module: dict[str, list[Entry]] = {}
-    for e in ckpt.entries:
-        if not e.copy:
-            by_module.setdefault(e.moonlet_name.rpartition(".")[0], []).append(e)
-    kept, refused = {}, []
-    for name, entries in by_module.items():
-        mod = model.get_submodule(name)
-        if isinstance(mod, Experts):
-            weights = entries
-        elif isinstance(mod, torch.nn.Linear):
-            weights = [e for e in entries if e.moonlet_name.endswith(".weight")]
-        else:
-            continue
-        packed = [src.is_packed(ckpt.locations[e.hf_name][0]) for e in weights]
-        if not any(packed):
-            continue
-        schemes = {}
-        for e in weights:
-            loc = ckpt.locations[e.hf_name][0]
-            schemes.setdefault(e.moonlet_name, set()).add(_moonlet_scheme(src.schemes.get(loc), src.shape(loc)))
-        if all(packed) and all(len(v) == 1 and None not in v for v in schemes.values()):
-            kept[name] = (mod, entries)
-        else:
-            refused.append(name)
-    if refused:
-        warnings.warn(f"{len(refused)} quantized module(s), e.g. {refused[0]}, are stored in a form moonlet's int4 / "
-                      f"int8 modules do not run as is (int8 in groups, an odd group size, or mixed within one "
-                      f"module); they are dequantized", stacklevel=4)
-    return kept
-
-
-def _moonlet_scheme(s: compressed.IntScheme | None, shape: tuple[int, ...]) -> tuple[str, int] | None:
-    """The (moonlet scheme, group size) that holds this stored weight exactly, or None."""
-    if s is None:
-        return None
-    K = shape[-1]
-    if s.num_bits == 8:
-        return ("int8", K) if s.strategy != "group" or s.group_size == K else None
-    G = s.group_size if s.strategy == "group" else K
-    return ("int4", G) if G % 2 == 0 and K % G == 0 else None
-
-
-def _quant_scale(scale: torch.Tensor, N: int, scheme: str, name: str) -> torch.Tensor:
-    """A stored scale ([N, K/G], [N, 1], [1]) -> moonlet's bf16 layout (int8 [N], int4 [N, K/G])."""
-    s = scale.reshape(1, 1) if scale.numel() == 1 else scale.reshape(N, -1)
-    s = s.expand(N, -1)
-    out = (s[:, 0] if scheme == "int8" else s).to(SCALE_DTYPE).contiguous()
-    if not torch.equal(out.to(scale.dtype), (s[:, 0] if scheme == "int8" else s)):
-        warnings.warn(f"{name}: {scale.dtype} scales rounded to bfloat16 to keep the weight quantized "
-                      f"(load without keep_quantized for the exact dequantized values)", stacklevel=5)
-    return out
-
-
-def _quant_module(ckpt: Checkpoint, meta_mod: torch.nn.Module, entries: list[Entry], device: torch.device
-                  ) -> torch.nn.Module:
-    """A QuantLinear / QuantExperts from the checkpoint's ints and scales (no float copy of the weight)."""
-    from ..model.quant import quant_experts, quant_linear, quant_weight
-
-    src: compressed.PackedSource = ckpt.source
-
-    def parts(e: Entry) -> tuple[str, int, torch.Tensor, torch.Tensor]:
-        loc = ckpt.locations[e.hf_name][0]
-        s, q, scale = src.parts(loc)
-        scheme, G = _moonlet_scheme(s, src.shape(loc))
-        return scheme, G, q.to(device), _quant_scale(scale, q.shape[0], scheme, loc).to(device)
-
-    if isinstance(meta_mod, torch.nn.Linear):
-        w = next(e for e in entries if e.moonlet_name.endswith(".weight"))
-        scheme, G, q, scale = parts(w)
-        bias = next((ckpt.read(e).to(device) for e in entries if e.moonlet_name.endswith(".bias")), None)
-        return quant_linear(q, scale, scheme, G, meta_mod.weight.dtype, bias)
-    stacks = {}
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        per_expert = sorted((e for e in entries if e.moonlet_name.endswith("." + proj)), key=lambda e: e.expert)
-        got = [parts(e) for e in per_expert]
-        scheme, G = got[0][:2]
-        stacks[proj] = quant_weight(torch.stack([g[2] for g in got]), torch.stack([g[3] for g in got]), scheme, G,
-                                    getattr(meta_mod, proj).dtype)
-    return quant_experts(stacks["gate_proj"], stacks["up_proj"], stacks["down_proj"])
 
 
 def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -469,58 +382,24 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
 
 def _write_quantized(tmp: Path, model: CausalLM, cfg: ModelConfig, entries: list[Entry], quantized: dict,
                      state: dict[str, torch.Tensor], dtype: torch.dtype | None, max_shard_size: int | str) -> None:
-    """config.json + weights of a moonlet-quantized model in compressed-tensors pack-quantized format.
-
-    Scales are written in float32 when the float dtype is float32 (so a reader that dequantizes in the scales'
-    dtype gets moonlet's exact float32 weights), else in bfloat16 (moonlet's scale dtype, K2-Thinking's)."""
+    """config.json + weights of a moonlet-quantized model: its quantized weights in compressed-tensors'
+    pack-quantized format (compressed.packed_items), the rest as `_write_checkpoint` writes it."""
     items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     fetch: dict[str, Callable[[], torch.Tensor]] = {}
-    groups: dict[compressed.IntScheme, list[str]] = {}  # scheme -> target module names (regexes for experts)
-    ignore: list[str] = []
-    main = dtype or state["model.embed_tokens.weight"].dtype
     for e in entries:
-        w: QuantWeight | None = quantized.get(e.moonlet_name)
-        if w is None:
+        if e.moonlet_name in quantized:
+            for name, shape, dt, get in compressed.packed_items(e, quantized[e.moonlet_name], dtype):
+                items.append((name, shape, dt))
+                fetch[name] = get
+        else:
             out = _out_dtype(e, state[e.moonlet_name].dtype, dtype)
             items.append((e.hf_name, e.shape, out))
             fetch[e.hf_name] = lambda e=e, out=out: (state[e.moonlet_name] if e.expert is None
                                                      else state[e.moonlet_name][e.expert]).to(out)
-            owner = e.moonlet_name.removesuffix(".weight")
-            if e.moonlet_name.endswith(".weight") and isinstance(_submodule(model, owner), torch.nn.Linear):
-                ignore.append(e.hf_name.removesuffix(".weight"))
-            continue
-        N, K = e.shape
-        base = e.hf_name.removesuffix(".weight")
-        bits = 4 if w.scheme == "int4" else 8
-        scheme = compressed.IntScheme(bits, "group" if bits == 4 else "channel", w.group_size if bits == 4 else None,
-                                      "pack-quantized")
-        experts, _, proj = base.rpartition(f".{e.expert}.")  # one regex per expert stack
-        target = base if e.expert is None else f"re:{re.escape(experts)}\\.\\d+\\.{re.escape(proj)}$"
-        if target not in groups.setdefault(scheme, []):
-            groups[scheme].append(target)
-        s_dtype = torch.float32 if (dtype or w.dtype) == torch.float32 else SCALE_DTYPE
-        s_shape = (N, K // w.group_size) if bits == 4 else (N, 1)
-        items += [(base + ".weight_packed", (N, -(-K * bits // 32)), torch.int32), (base + ".weight_scale", s_shape, s_dtype),
-                  (base + ".weight_shape", (2,), torch.int64)]
-        fetch[base + ".weight_packed"] = lambda w=w, e=e: compressed.to_packed(w.parts(e.expert)[0], w.scheme)
-        fetch[base + ".weight_scale"] = lambda w=w, e=e, sd=s_dtype, ss=s_shape: w.parts(e.expert)[1].to(sd).reshape(ss)
-        fetch[base + ".weight_shape"] = lambda N=N, K=K: torch.tensor([N, K], dtype=torch.int64)
-    targets = list(groups.items())
-    if len(targets) == 1:  # one scheme: every linear layer not in `ignore` (K2-Thinking's config has this form)
-        targets = [(["Linear"], targets[0][0])]
-    else:
-        targets = [(t, s) for s, t in targets]
-    d = hf_config_dict(cfg, main)
-    d["quantization_config"] = compressed.quantization_config(targets, ignore)
+    d = hf_config_dict(cfg, dtype or state["model.embed_tokens.weight"].dtype)
+    d["quantization_config"] = compressed.export_config(model, entries, quantized)
     (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
     write_shards(tmp, items, lambda n: fetch[n](), max_shard_size)
-
-
-def _submodule(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _carry_over(old: Path, new: Path) -> None:
