@@ -91,7 +91,7 @@ def is_compressed(qc: Any) -> bool:
 def parse_config(qc: dict[str, Any]) -> CompressedConfig:
     """A compressed-tensors quantization_config -> CompressedConfig; ValueError for what moonlet cannot read."""
     where = "quantization_config"
-    top_format = qc.get("format", "pack-quantized")
+    top_format = qc.get("format")  # the library's default, "fakequant", stores float weights
     status = qc.get("quantization_status", "compressed")
     if status != "compressed":
         raise ValueError(f"{where}.quantization_status {status!r} is not supported (only 'compressed' weights)")
