@@ -149,6 +149,23 @@ def test_engine_serves_the_checkpoint_quantized(tmp_path):
     assert got == want
 
 
+def test_convert_quantize_cli(tmp_path, capsys):
+    """`moonlet convert SRC DST --quantize int4 --quant-experts-only` == quantize_model + save_pretrained."""
+    model = _model(seed=7, num_nextn_predict_layers=0)
+    save_pretrained(model, tmp_path / "f")
+    (tmp_path / "f" / "tokenizer.json").write_text("{}")
+    assert cli_main(["convert", str(tmp_path / "f"), str(tmp_path / "q"), "--quantize", "int4",
+                     "--quant-experts-only"]) == 0
+    assert "int4 (group 32)" in capsys.readouterr().err
+    assert (tmp_path / "q" / "tokenizer.json").read_text() == "{}"
+    quantize_model(model, "int4", experts_only=True)
+    kept = moonlet.from_pretrained(tmp_path / "q", keep_quantized=True)
+    a, b = model.state_dict(), kept.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert cli_main(["convert", str(tmp_path / "f"), str(tmp_path / "q"), "--quantize", "int8"]) == 1
+    assert "not empty" in capsys.readouterr().err
+
+
 # ---- a Kimi-K2-Thinking-style checkpoint written with the library's quantizer ----------------------------------
 def _k2_thinking_checkpoint(path: Path, scale_dtype=torch.bfloat16) -> tuple[moonlet.CausalLM, dict]:
     """A float checkpoint whose routed experts are then quantized and packed by compressed-tensors' own
