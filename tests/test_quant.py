@@ -274,11 +274,15 @@ def test_quant_linear_bias_weight_and_state_dict(scheme):
     assert torch.equal(other.weight, ql.weight) and torch.equal(other.bias, ql.bias)
 
 
-def test_saving_a_quantized_model_is_refused(tmp_path):
+def test_saving_a_quantized_model_writes_compressed_tensors(tmp_path):
+    """(was refused) now written in compressed-tensors' pack-quantized format; tests/test_compressed_tensors.py
+    checks it against the library and transformers."""
+    import json
+
     from moonlet.model.quant import quantize_model
 
     m = CausalLM(preset("tiny")).init_weights(seed=0).eval()
     quantize_model(m, "int8")
-    with pytest.raises(ValueError, match="cannot save a weight-only quantized model"):
-        m.save_pretrained(tmp_path / "q")
-    assert not (tmp_path / "q").exists()
+    m.save_pretrained(tmp_path / "q")
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized" and qc["config_groups"]["group_0"]["weights"]["num_bits"] == 8

@@ -5,6 +5,8 @@ transformers, and moonlet's own checkpoints or training runs; writes the HF layo
 moonlet's checkpoint format (per-expert tensors, MTP as layer num_hidden_layers, Kimi-K2 written as
 deepseek_v3), so the same command imports into moonlet and exports for transformers / llama.cpp.
 Streams shard by shard: memory stays around one shard whatever the model size.
+With --quantize int4|int8 the model is built, quantized (moonlet.model.quant) and written as a
+compressed-tensors checkpoint (Kimi-K2-Thinking's format); that needs the whole model in memory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--no-mtp", action="store_true", help="leave out the multi-token-prediction layers")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    g = p.add_argument_group("quantized output")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="write int8 (per channel) / int4 (groups) weights in compressed-tensors' pack-quantized "
+                        "format (builds the model in memory; the rest stays in --dtype, default as stored)")
+    g.add_argument("--quant-group-size", type=int, default=32, metavar="G", help="int4 group size (default 32)")
+    g.add_argument("--quant-experts-only", action="store_true",
+                   help="quantize only the routed experts (Kimi-K2-Thinking's recipe)")
     p.set_defaults(func=run)
 
 
@@ -40,6 +49,29 @@ def _resolve(path: str) -> Path:
     return Path(resolve_checkpoint(path))
 
 
+def _convert_quantized(src: Path, args: argparse.Namespace) -> Path:
+    """Load (dequantizing whatever is stored), quantize, save_pretrained (atomic), copy the tokenizer files."""
+    import shutil
+
+    from ..interop.hf import TOKENIZER_FILES, from_pretrained, save_pretrained
+    from ..model.quant import quantize_model
+
+    dst = Path(args.dst)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"destination {dst} is the source; choose another directory")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    model = from_pretrained(src, dtype=args.dtype or "auto", mtp=False if args.no_mtp else None)
+    report = quantize_model(model, args.quantize, group_size=args.quant_group_size,
+                            experts_only=args.quant_experts_only)
+    print(f"quantized {report.summary()}", file=sys.stderr)
+    save_pretrained(model, dst, max_shard_size=args.shard_size, mtp=not args.no_mtp)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and TOKENIZER_FILES.match(f.name):
+            shutil.copy2(f, dst / f.name)
+    return dst
+
+
 def run(args: argparse.Namespace) -> int:
     from ..interop.hf import convert_checkpoint
 
@@ -47,9 +79,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            dst = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_size=args.shard_size,
-                                     mtp=not args.no_mtp, overwrite=args.overwrite,
-                                     log=lambda m: print(m, file=sys.stderr))
+            if args.quantize:
+                dst = _convert_quantized(src, args)
+            else:
+                dst = convert_checkpoint(src, args.dst, dtype=args.dtype, max_shard_size=args.shard_size,
+                                         mtp=not args.no_mtp, overwrite=args.overwrite,
+                                         log=lambda m: print(m, file=sys.stderr))
     except OSError as e:  # missing/unwritable paths, DST not empty: one line, no traceback
         print(f"moonlet convert: error: {e}", file=sys.stderr)
         return 1

@@ -69,13 +69,15 @@ class Engine:
         self.fast = fastpath.FastForward(model) if fast else None
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: Any = None, **kw: Any) -> "Engine":
+    def from_pretrained(cls, path: str | os.PathLike, dtype: Any = None, keep_quantized: bool = True,
+                        **kw: Any) -> "Engine":
         """A checkpoint dir (or training run dir -> newest checkpoint), moonlet or HF DeepSeek-V3 format;
-        the tokenizer is loaded when the dir has a tokenizer.json (else eng.tokenizer is None)."""
+        the tokenizer is loaded when the dir has a tokenizer.json (else eng.tokenizer is None).
+        keep_quantized: an int4 / int8 (compressed-tensors) checkpoint is served from its stored ints."""
         from ..train.checkpoint import load_model, resolve_checkpoint
 
         d = resolve_checkpoint(path)
-        model = load_model(d, dtype=dtype)  # clear errors on damaged files; reads sharded-run checkpoints too
+        model = load_model(d, dtype=dtype, keep_quantized=keep_quantized)  # clear errors on damaged files
         tok = None
         if (d / "tokenizer.json").is_file():
             from ..data.tokenizer import Tokenizer

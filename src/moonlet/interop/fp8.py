@@ -43,7 +43,8 @@ def check_quantization_config(qc: Any) -> None:
     if method != "fp8":
         raise ValueError(
             f"quantization_config.quant_method {method!r} is not supported; moonlet reads FP8 block-scaled "
-            f"checkpoints (quant_method 'fp8', as DeepSeek-V3 and Kimi-K2 publish them) and unquantized ones"
+            f"checkpoints (quant_method 'fp8', as DeepSeek-V3 and Kimi-K2 publish them), compressed-tensors int4 / "
+            f"int8 ones ('compressed-tensors', as Kimi-K2-Thinking) and unquantized ones"
         )
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":

@@ -2,11 +2,14 @@
 
 A checkpoint directory holds `config.json` and `model.safetensors` (or shards listed in
 `model.safetensors.index.json`), optionally FP8 weights with 128x128 block `weight_scale_inv`
-(DeepSeek-V3, Kimi-K2). `open_checkpoint` validates config and every tensor's presence and shape
-from the file headers alone, before anything is allocated; loading then builds the model on the
-meta device, materializes it once in the target dtype/device and copies tensor by tensor, so the
-peak memory is the model plus one tensor. `convert_checkpoint` streams shard by shard and never
-builds the model at all. The name mapping lives in `layout.py`, FP8 in `fp8.py`, files in `store.py`.
+(DeepSeek-V3, Kimi-K2) or compressed-tensors int4 / int8 weights (Kimi-K2-Thinking), which load
+dequantized or, with `keep_quantized`, as moonlet's QuantLinear / QuantExperts from the stored ints.
+`open_checkpoint` validates config and every tensor's presence and shape from the file headers
+alone, before anything is allocated; loading then builds the model on the meta device, materializes
+it once in the target dtype/device and copies tensor by tensor, so the peak memory is the model plus
+one tensor. `convert_checkpoint` streams shard by shard and never
+builds the model at all. The name mapping lives in `layout.py`, FP8 in `fp8.py`, int4 / int8 in
+`compressed.py`, files in `store.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, PRESETS, resolve_config
 from ..model import CausalLM
-from . import fp8
+from . import compressed, fp8
 from .layout import IGNORABLE, MTP_COPIES, Entry, fused_source, hf_entries, layer_index, model_shapes
 from .store import (CheckpointError, DictSource, Dequantized, SafetensorsDir, TensorSource, atomic_dir,
                     parse_size, write_shards)
@@ -91,14 +94,20 @@ def open_checkpoint(path: str | os.PathLike, mtp: bool | None = None, strict: bo
     cfg = ModelConfig.load(p)
     qc = cfg.extra.get("quantization_config")
     try:
-        fp8.check_quantization_config(qc)
+        packed = compressed.parse_config(qc) if compressed.is_compressed(qc) else None
+        if packed is None:
+            fp8.check_quantization_config(qc)
     except ValueError as e:
         raise ConfigError(f"{p / 'config.json'}: {e}") from None
-    source = Dequantized(SafetensorsDir(p), fp8.block_size(qc))
+    if packed is not None:
+        source = compressed.PackedSource(SafetensorsDir(p), packed)
+    else:
+        source = Dequantized(SafetensorsDir(p), fp8.block_size(qc))
     return _plan(cfg, source, p, mtp, strict)
 
 
-def _plan(cfg: ModelConfig, source: Dequantized, path: Path | None, mtp: bool | None, strict: bool) -> Checkpoint:
+def _plan(cfg: ModelConfig, source: Dequantized | compressed.PackedSource, path: Path | None, mtp: bool | None,
+          strict: bool) -> Checkpoint:
     where = f" in {path}" if path else ""
     keys = source.keys()
     L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
@@ -172,16 +181,23 @@ def read_config_dtype(path: str | os.PathLike) -> torch.dtype | None:
 
 # ---- into a model ---------------------------------------------------------------------------------------
 def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> CausalLM:
+                    device: str | torch.device | None = None, keep_quantized: bool = False) -> CausalLM:
     """Build the model on the meta device, materialize it once (dtype, device), copy tensor by tensor.
 
-    The router's `e_score_correction_bias` stays float32 whatever `dtype` is (as in transformers)."""
+    The router's `e_score_correction_bias` stays float32 whatever `dtype` is (as in transformers).
+    keep_quantized: int4 / int8 modules of a compressed-tensors checkpoint become QuantLinear / QuantExperts
+    built from the stored ints and scales (never materialized in float); the rest loads as usual."""
     with torch.device("meta"):
         model = CausalLM(ckpt.config)
     if dtype is not None:
         model = model.to(dtype)  # free on meta: parameters are created in their final dtype
     device = torch.device(device or "cpu")
+    kept = compressed.keepable_modules(ckpt, model) if keep_quantized else {}
+    for name in kept:  # a placeholder, so that to_empty allocates nothing for it
+        _set_submodule(model, name, torch.nn.Module())
     if device.type == "meta":
+        for name, (meta_mod, _) in kept.items():
+            _set_submodule(model, name, meta_mod)
         return model.eval()
     model = model.to_empty(device=device)
     model.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
@@ -190,23 +206,33 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
     state = model.state_dict()
     with torch.no_grad():
         for e in ckpt.entries:
-            if e.copy:
+            if e.copy or (kept and e.moonlet_name not in state):  # a kept module's weight: built below
                 continue
             dest = state[e.moonlet_name]
             dest = dest if e.expert is None else dest[e.expert]
             dest.copy_(ckpt.read(e, dtype=dest.dtype))
+        for name, (meta_mod, entries) in kept.items():
+            _set_submodule(model, name, compressed.quant_module(ckpt, meta_mod, entries, device))
     return model.eval()
+
+
+def _set_submodule(model: torch.nn.Module, name: str, mod: torch.nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, mod)
 
 
 def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
                     device: str | torch.device | None = None, seed: int = 0, mtp: bool | None = None,
-                    strict: bool = True) -> CausalLM:
+                    strict: bool = True, keep_quantized: bool = False) -> CausalLM:
     """A model from a preset name (random weights from `seed`) or an HF-format checkpoint directory
-    (DeepSeek-V3 / Kimi-K2 releases incl. FP8, transformers' save_pretrained, moonlet's own).
+    (DeepSeek-V3 / Kimi-K2 releases incl. FP8, Kimi-K2-Thinking's compressed-tensors INT4, transformers'
+    save_pretrained, moonlet's own).
 
     dtype: None gives float32; "auto" the dtype the checkpoint states (bfloat16 for FP8); or a torch
     dtype / name ("bf16", "fp32", ...). device="meta" validates the
-    checkpoint and returns a model without weights. mtp/strict: see `open_checkpoint`."""
+    checkpoint and returns a model without weights. mtp/strict: see `open_checkpoint`.
+    keep_quantized: int4 / int8 weights (compressed-tensors) stay quantized (moonlet.model.quant modules
+    built from the stored ints: inference only, int4 memory); by default they are dequantized to `dtype`."""
     dtype = parse_dtype(dtype)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS:
         model = CausalLM(resolve_config(path_or_preset)).init_weights(seed=seed)
@@ -217,7 +243,7 @@ def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype 
     try:
         if dtype == "auto":
             dtype = ckpt.stored_dtype if ckpt.quantized else (read_config_dtype(ckpt.path) or ckpt.stored_dtype)
-        return load_checkpoint(ckpt, dtype or torch.float32, device)
+        return load_checkpoint(ckpt, dtype or torch.float32, device, keep_quantized=keep_quantized)
     finally:
         ckpt.close()
 
@@ -318,13 +344,13 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     Atomic: written to a temporary directory next to `path`, then renamed over it; files already in
     `path` that are not weights or config (tokenizer, trainer state, ...) are carried over.
     dtype: cast floating tensors (None keeps each tensor's dtype). mtp=False leaves MTP depths out.
-    for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load."""
-    from ..model.quant import QuantExperts, QuantWeight
+    for_transformers: refuse (HFExportError, nothing written) a model transformers cannot load.
+    A model quantized with moonlet.model.quant (int4 / int8) is written in compressed-tensors'
+    pack-quantized format (Kimi-K2-Thinking's): the same ints and scales, reloadable exactly."""
+    from ..model.quant import QuantLinear, QuantWeight
 
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantWeight, QuantExperts))]
-    if quantized:  # its int layout is machine-specific; writing dequantized weights would hide the loss
-        raise ValueError(f"cannot save a weight-only quantized model ({len(quantized)} quantized modules, e.g. "
-                         f"{quantized[0]}): save the float model and pass --quantize when loading it")
+    quantized = {n + ".weight" if isinstance(m, QuantLinear) else n: m for n, m in model.named_modules()
+                 if isinstance(m, QuantWeight)}  # moonlet tensor name -> its quantized weight
     if for_transformers:
         from .hf_compat import check_hf_exportable
 
@@ -337,7 +363,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
         model.config.replace(num_nextn_predict_layers=0)
     state = model.state_dict()
     shapes = {k: (tuple(t.shape), t.dtype) for k, t in state.items() if mtp or not k.startswith("mtp.")}
-    entries = hf_entries(cfg, shapes)
+    entries = hf_entries(cfg, shapes) if not quantized else hf_entries(cfg)
 
     def fetch(e: Entry, out_dtype: torch.dtype) -> torch.Tensor:
         t = state[e.moonlet_name]
@@ -347,8 +373,33 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     with atomic_dir(path) as tmp:
         if path.is_dir():
             _carry_over(path, tmp)
-        _write_checkpoint(tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size)
+        if quantized:
+            _write_quantized(tmp, model, cfg, entries, quantized, state, dtype, max_shard_size)
+        else:
+            _write_checkpoint(tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size)
     return path
+
+
+def _write_quantized(tmp: Path, model: CausalLM, cfg: ModelConfig, entries: list[Entry], quantized: dict,
+                     state: dict[str, torch.Tensor], dtype: torch.dtype | None, max_shard_size: int | str) -> None:
+    """config.json + weights of a moonlet-quantized model: its quantized weights in compressed-tensors'
+    pack-quantized format (compressed.packed_items), the rest as `_write_checkpoint` writes it."""
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    fetch: dict[str, Callable[[], torch.Tensor]] = {}
+    for e in entries:
+        if e.moonlet_name in quantized:
+            for name, shape, dt, get in compressed.packed_items(e, quantized[e.moonlet_name], dtype):
+                items.append((name, shape, dt))
+                fetch[name] = get
+        else:
+            out = _out_dtype(e, state[e.moonlet_name].dtype, dtype)
+            items.append((e.hf_name, e.shape, out))
+            fetch[e.hf_name] = lambda e=e, out=out: (state[e.moonlet_name] if e.expert is None
+                                                     else state[e.moonlet_name][e.expert]).to(out)
+    d = hf_config_dict(cfg, dtype or state["model.embed_tokens.weight"].dtype)
+    d["quantization_config"] = compressed.export_config(model, entries, quantized)
+    (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    write_shards(tmp, items, lambda n: fetch[n](), max_shard_size)
 
 
 def _carry_over(old: Path, new: Path) -> None:

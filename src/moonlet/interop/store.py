@@ -5,6 +5,7 @@ Reading never loads a whole checkpoint: a `TensorSource` answers `keys()`, `shap
   SafetensorsDir   `model.safetensors`, or the shards of `model.safetensors.index.json`
   DictSource       an in-memory state dict (e.g. a transformers model's)
   Dequantized      wraps either and turns FP8 + `*.weight_scale_inv` pairs into plain weights
+  (compressed.PackedSource does the same for compressed-tensors int4 / int8 weights)
 Writing (`write_shards`) plans shards from shapes alone, then materializes one shard at a time, so
 converting a checkpoint holds at most one shard in memory.
 """

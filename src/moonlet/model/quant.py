@@ -204,6 +204,11 @@ class QuantWeight(nn.Module):
     def _canonical(self, q: torch.Tensor) -> torch.Tensor:
         return from_int4pack(q) if self.layout == "int4pack" else q
 
+    def parts(self, e: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ints in the canonical format above, bf16 scales) of the weight, or of expert e of a stack."""
+        q, s = (self.qweight, self.scale) if e is None else (self.qweight[e], self.scale[e])
+        return self._canonical(q), s
+
     def _dequantize(self, q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.layout == "int4pack":
             return dequantize("int4", q, s, dtype, int4_values=int4pack_values(q))
@@ -306,13 +311,47 @@ class QuantExperts(nn.Module):
         return torch.zeros_like(x_ND).index_add_(0, token, y_sorted)
 
 
-def _from_parts(like: QuantWeight, q: torch.Tensor, s: torch.Tensor) -> QuantWeight:
-    w = QuantWeight.__new__(QuantWeight)
+def quant_weight(q: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int, dtype: torch.dtype,
+                 cls: type = None) -> QuantWeight:
+    """A QuantWeight (or `cls`, a subclass) from stored parts in the canonical format -- e.g. a checkpoint's
+    ints and scales -- without a float round trip. int8: q [..., N, K], scale [..., N]; int4: q uint8
+    [..., N, K/2], scale [..., N, K/group_size]."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of: {', '.join(SCHEMES)}")
+    K = q.shape[-1] * (2 if scheme == "int4" else 1)
+    want = tuple(q.shape[:-1]) if scheme == "int8" else (*q.shape[:-1], K // group_size)
+    if q.dtype != (torch.int8 if scheme == "int8" else torch.uint8) or tuple(scale.shape) != want or (
+            scheme == "int4" and K % group_size):
+        raise ValueError(f"{scheme} parts do not fit: q {q.dtype} {tuple(q.shape)}, scale {tuple(scale.shape)} "
+                         f"(group_size {group_size}, expected scale {want})")
+    w = (cls or QuantWeight).__new__(cls or QuantWeight)
     nn.Module.__init__(w)
-    w.scheme, w.group_size, w.dtype = like.scheme, like.group_size, like.dtype
-    w.shape = tuple(q.shape[:-1]) + (like.shape[-1],)
-    w._set(q, s, like.scale.device)
+    w.scheme, w.group_size, w.dtype = scheme, group_size, dtype
+    w.shape = (*q.shape[:-1], K)
+    w._set(q, scale.to(SCALE_DTYPE), q.device)
     return w
+
+
+def quant_linear(q: torch.Tensor, scale: torch.Tensor, scheme: str, group_size: int, dtype: torch.dtype,
+                 bias: torch.Tensor | None = None) -> QuantLinear:
+    """A QuantLinear from stored parts (see quant_weight)."""
+    lin = quant_weight(q, scale, scheme, group_size, dtype, cls=QuantLinear)
+    lin.out_features, lin.in_features = lin.shape
+    lin.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+    return lin
+
+
+def quant_experts(gate_proj: QuantWeight, up_proj: QuantWeight, down_proj: QuantWeight) -> QuantExperts:
+    """QuantExperts from three quantized stacks [E, out, in]."""
+    ex = QuantExperts.__new__(QuantExperts)
+    nn.Module.__init__(ex)
+    ex.n_experts = gate_proj.shape[0]
+    ex.gate_proj, ex.up_proj, ex.down_proj = gate_proj, up_proj, down_proj
+    return ex
+
+
+def _from_parts(like: QuantWeight, q: torch.Tensor, s: torch.Tensor) -> QuantWeight:
+    return quant_weight(q, s, like.scheme, like.group_size, like.dtype)
 
 
 def cat_rows(*ws: QuantWeight) -> QuantWeight:

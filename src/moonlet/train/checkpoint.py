@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import atomic_write_text
+from ..config import ConfigError, atomic_write_text
 from ..interop.hf import CheckpointError, save_pretrained
 
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -133,8 +133,9 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint file {p} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device=None):
-    """The CausalLM of a checkpoint dir (or a run dir's newest), with a clear error when damaged."""
+def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device=None, keep_quantized: bool = False):
+    """The CausalLM of a checkpoint dir (or a run dir's newest), with a clear error when damaged.
+    keep_quantized: int4 / int8 weights stay quantized (inference), see interop.hf.from_pretrained."""
     from ..interop.hf import from_pretrained
 
     d = resolve_checkpoint(ckpt)
@@ -143,8 +144,8 @@ def load_model(ckpt: str | os.PathLike, dtype: torch.dtype | None = None, device
 
         return load_consolidated(d, dtype=dtype, device=device)
     try:
-        return from_pretrained(d, dtype=dtype, device=device)
-    except (FileNotFoundError, CheckpointError):
+        return from_pretrained(d, dtype=dtype, device=device, keep_quantized=keep_quantized)
+    except (FileNotFoundError, CheckpointError, ConfigError):  # already name the file and what is wrong
         raise
     except Exception as e:  # safetensors / JSON errors on a damaged file
         raise CheckpointError(f"checkpoint {d} cannot be loaded, its weights are corrupt or truncated "
