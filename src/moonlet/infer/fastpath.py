@@ -62,6 +62,12 @@ def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None 
     return y if bias is None else y + bias.to(y.dtype)
 
 
+# fp32 on CPU with 2..64 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
+# (small's lm_head at 8 rows: 6.4 -> 2.9 ms, 384 x 512 at 2 rows: 193 -> 95 us); equal near 96 rows,
+# slower above; one row is a matrix-vector product either way (LOG 2026-12-02)
+SKINNY_ROWS = (2, 64)
+
+
 class _Proj:
     """One projection for activations x [N, K]: a single mm against w.t() (a view made once), the
     quantized weight's kernel, or fp32 products where bf16 is slow (_upcast)."""
@@ -69,15 +75,26 @@ class _Proj:
     def __init__(self, w, bias: torch.Tensor | None = None):
         self.w, self.bias = w, bias
         self.wt = None if isinstance(w, QuantWeight) else w.t()
+        self.skinny = self.wt is not None and w.dtype == torch.float32 and w.device.type == "cpu"
 
     @classmethod
     def of(cls, mod) -> "_Proj":
         """From an nn.Linear or a QuantLinear."""
         return cls(mod if isinstance(mod, QuantWeight) else mod.weight, mod.bias)
 
-    def __call__(self, x_NK: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x_NK: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias), plus acc when given (a residual: one addmm instead of mm + add)."""
         if self.wt is None or _upcast(x_NK):
-            return _linear(x_NK, self.w, bias=self.bias)
+            y = _linear(x_NK, self.w, bias=self.bias)
+            return y if acc is None else acc + y
+        if self.skinny and SKINNY_ROWS[0] <= x_NK.shape[0] <= SKINNY_ROWS[1]:
+            y = torch.mm(self.w, x_NK.t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+            return y.contiguous() if acc is None else acc + y
+        if acc is not None:
+            y = torch.addmm(acc, x_NK, self.wt)
+            return y if self.bias is None else y.add_(self.bias)
         if self.bias is None:
             return torch.mm(x_NK, self.wt)
         return torch.addmm(self.bias, x_NK, self.wt)
@@ -110,8 +127,12 @@ class _Attn:
         self.q = _Proj(q_weight)  # -> [N, H*C (folded) or H*dn | H*dr]
         self.q_a = None if attn.q_lora_rank is None else _Proj.of(attn.q_a_proj)
         self.q_norm = None if attn.q_lora_rank is None else _Norm(attn.q_a_layernorm)
-        self.kv_norm = _Norm(attn.kv_a_layernorm)
         self.kv_a = _Proj.of(attn.kv_a_proj_with_mqa)
+        self.kv_norm = _Norm(attn.kv_a_layernorm)
+        self.qkv_a = None  # q_a_proj and kv_a_proj_with_mqa read the same input: one matmul
+        if self.q_a is not None and self.q_a.wt is not None and self.kv_a.wt is not None \
+                and attn.q_a_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
+            self.qkv_a = _Proj(torch.cat((attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight)).contiguous())
         quant_o = isinstance(attn.o_proj, QuantWeight)
         o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
@@ -125,34 +146,34 @@ class _Attn:
 
 
 class _Experts:
-    """Routed experts of one MoE layer: per-expert transposed views (one mm each) or, quantized, the
-    QuantExperts stacks through their kernels."""
+    """Routed experts of one MoE layer: a _Proj per expert weight (views of the stacks) or, quantized,
+    the QuantExperts stacks through their kernels."""
 
     def __init__(self, experts):
         self.mod = experts
         self.quant = isinstance(experts.gate_proj, QuantWeight)
         if not self.quant:
-            self.views = [(g.t(), u.t(), d.t()) for g, u, d in
+            self.projs = [(_Proj(g), _Proj(u), _Proj(d)) for g, u, d in
                           zip(experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0))]
 
     def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """silu(x W_gate[e]^T) * (x W_up[e]^T)."""
-        if self.quant or _upcast(x):
+        if self.quant:
             ex = self.mod
             return F.silu(_linear(x, ex.gate_proj, e)) * _linear(x, ex.up_proj, e)
-        g, u, _ = self.views[e]
-        return F.silu(torch.mm(x, g)) * torch.mm(x, u)
+        gate, up, _ = self.projs[e]
+        return F.silu(gate(x)) * up(x)
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        if self.quant or _upcast(h):
+        if self.quant:
             return _linear(h, self.mod.down_proj, e)
-        return torch.mm(h, self.views[e][2])
+        return self.projs[e][2](h)
 
     def down_add(self, acc: torch.Tensor, h: torch.Tensor, e: int, weight: float) -> torch.Tensor:
-        """acc + weight * (h W_down[e]^T), one addmm where it can be."""
+        """acc + weight * (h W_down[e]^T) for one token, one addmm where it can be."""
         if self.quant or _upcast(h):
             return acc + self.down(h, e) * weight
-        return torch.addmm(acc, h, self.views[e][2], alpha=weight)
+        return torch.addmm(acc, h, self.projs[e][2].wt, alpha=weight)
 
 
 class _Route:
@@ -223,9 +244,9 @@ def _fused_mlp(mlp: MLP) -> tuple[_Proj, _Proj]:
     return _Proj(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous()), _Proj(mlp.down_proj.weight)
 
 
-def _swiglu(x: torch.Tensor, gate_up: _Proj, down: _Proj) -> torch.Tensor:
+def _swiglu(x: torch.Tensor, gate_up: _Proj, down: _Proj, acc: torch.Tensor | None = None) -> torch.Tensor:
     g, u = gate_up(x).chunk(2, dim=-1)
-    return down(F.silu(g) * u)
+    return down(F.silu(g) * u, acc)
 
 
 @dataclass
@@ -245,6 +266,7 @@ class _Step:
     kv_len: int = 0
     start: int | None = None  # decode: every row writes slots [start, start + T)
     rows_B1: torch.Tensor | None = None  # decode otherwise: row index for the cache write
+    zero: torch.Tensor | None = None
 
 
 class FastForward:
@@ -279,11 +301,12 @@ class FastForward:
         self.eh_proj = [_Proj.of(mod.eh_proj) for mod in m.mtp]
 
     # ---- MoE ------------------------------------------------------------------------------------
-    def _moe(self, parts, shared, x_ND: torch.Tensor) -> torch.Tensor:
+    def _moe(self, parts, shared, x_ND: torch.Tensor, resid_ND: torch.Tensor) -> torch.Tensor:
+        """resid + MoE(x)."""
         moe, route, ex = parts
         N = x_ND.shape[0]
         if N == 1:
-            y = _swiglu(x_ND, *shared) if shared is not None else torch.zeros_like(x_ND)
+            y = resid_ND if shared is None else _swiglu(x_ND, *shared, acc=resid_ND)
             for e, w in route(x_ND):
                 y = ex.down_add(y, ex.hidden(x_ND, e), e, w)
             return y
@@ -306,21 +329,28 @@ class FastForward:
             ys = torch.cat(outs) * w.index_select(0, order)
             y = torch.zeros_like(x_ND).index_add_(0, token, ys)
         if shared is not None:
-            y = y + _swiglu(x_ND, *shared)
-        return y
+            return _swiglu(x_ND, *shared, acc=resid_ND + y)
+        return resid_ND + y
 
     # ---- attention ------------------------------------------------------------------------------
-    def _attention(self, a: _Attn, h_ND: torch.Tensor, s: _Step, latent_cache: torch.Tensor) -> torch.Tensor:
+    def _attention(self, a: _Attn, h_ND: torch.Tensor, s: _Step, latent_cache: torch.Tensor,
+                   resid_ND: torch.Tensor) -> torch.Tensor:
+        """resid + attention(h)."""
         m = a.m
         H, C, dr = m.n_heads, m.kv_lora_rank, m.rope_dim
         N = h_ND.shape[0]
-        cq = h_ND if a.q_a is None else a.q_norm(a.q_a(h_ND))
+        if a.qkv_a is not None:
+            both = a.qkv_a(h_ND)
+            Q = m.q_lora_rank
+            cq, kv = a.q_norm(both[:, :Q]), both[:, Q:]  # kv: [N, C + dr]
+        else:
+            cq = h_ND if a.q_a is None else a.q_norm(a.q_a(h_ND))
+            kv = a.kv_a(h_ND)
         q = a.q(cq)  # [N, H*Cq | H*dr]
         split = q.shape[-1] - H * dr
-        kv = a.kv_a(h_ND)  # [N, C + dr]
         c_kv = a.kv_norm(kv[:, :C])
         if s.fresh:
-            return self._prefill_attention(a, h_ND, s, q, split, c_kv, kv[:, C:], latent_cache)
+            return self._prefill_attention(a, h_ND, s, q, split, c_kv, kv[:, C:], latent_cache, resid_ND)
         qf = q.to(s.att_dtype)
         q_pe = torch.bmm(q[:, split:].view(N, H, dr).float(), s.rope_NRR).to(s.att_dtype)
         if a.fold_q:
@@ -336,19 +366,20 @@ class FastForward:
             latent_cache[s.rows_B1, s.positions_BT] = latent
         lat = latent_cache[:, :s.kv_len].to(s.att_dtype)  # bf16 cache -> fp32 on CPU (see _step)
         if s.mask_add is None:
-            scores = torch.baddbmm(lat.new_zeros(()), qa, lat.transpose(1, 2), beta=0, alpha=m.scale)
+            scores = torch.baddbmm(s.zero, qa, lat.transpose(1, 2), beta=0, alpha=m.scale)
         else:
             scores = torch.baddbmm(s.mask_add, qa, lat.transpose(1, 2), alpha=m.scale)
         o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(N, H, C).to(h_ND.dtype)
-        return self._out(a, o)
+        return self._out(a, o, resid_ND)
 
-    def _out(self, a: _Attn, o_NHC: torch.Tensor) -> torch.Tensor:
+    def _out(self, a: _Attn, o_NHC: torch.Tensor, resid_ND: torch.Tensor) -> torch.Tensor:
         N, H, C = o_NHC.shape
         if a.fold_o:
-            return a.o(o_NHC.reshape(N, H * C))
-        return a.o(torch.einsum("nhc,hcv->nhv", o_NHC, a.w_uv).reshape(N, -1))
+            return a.o(o_NHC.reshape(N, H * C), acc=resid_ND)
+        return a.o(torch.einsum("nhc,hcv->nhv", o_NHC, a.w_uv).reshape(N, -1), acc=resid_ND)
 
-    def _prefill_attention(self, a: _Attn, h_ND, s: _Step, q, split, c_kv, k_pe, latent_cache) -> torch.Tensor:
+    def _prefill_attention(self, a: _Attn, h_ND, s: _Step, q, split, c_kv, k_pe, latent_cache, resid_ND
+                           ) -> torch.Tensor:
         m = a.m
         B, T, H, C, dr = s.B, s.T, m.n_heads, m.kv_lora_rank, m.rope_dim
         rot = None if s.rot is None else s.rot[:, :, None]
@@ -362,10 +393,10 @@ class FastForward:
             q_nope, q_pe = m.query(h_ND.view(B, T, -1), _Ctx(s.cos, s.sin))
             k, v = m.expand_kv(lat)
             o = causal_attention_blocked(torch.cat((q_nope, q_pe), dim=-1), k, v, m.scale)
-            return m.o_proj(o.reshape(B * T, -1))
+            return resid_ND + m.o_proj(o.reshape(B * T, -1))
         qa = torch.cat((qn, q_pe), dim=-1)  # [B,T,H,C+dr]
         o = causal_attention_blocked(qa, lat[:, :, None], lat[:, :, None, :C], m.scale)  # [B,T,H,C]
-        return self._out(a, o.reshape(B * T, H, C))
+        return self._out(a, o.reshape(B * T, H, C), resid_ND)
 
     # ---- forward --------------------------------------------------------------------------------
     def _step(self, positions_BT: torch.Tensor, x: torch.Tensor, fresh: bool) -> _Step:
@@ -385,6 +416,7 @@ class FastForward:
         # decode attention's dtype: CPU bmm in bf16 is 3-4x slower than casting the latent cache to
         # fp32 and running it there (T = 1: 53 vs 19 us at 40 keys, 2.6 vs 0.6 ms at 2048; LOG)
         s.att_dtype = torch.float32 if dev.type == "cpu" else dtype
+        s.zero = torch.zeros((), dtype=s.att_dtype, device=dev)  # baddbmm's ignored input (beta=0)
         lo, hi = (int(v) for v in torch.aminmax(positions_BT))
         s.kv_len = hi + 1
         if T == 1 and lo == hi:  # every row at the same position: all slots < kv_len are visible
@@ -403,12 +435,12 @@ class FastForward:
 
     def _block(self, i: int, layer, x_ND: torch.Tensor, s: _Step, latent_cache: torch.Tensor) -> torch.Tensor:
         norm_in, norm_post = self.norms[i]
-        x_ND = x_ND + self._attention(self.attn[i], norm_in(x_ND), s, latent_cache)
+        x_ND = self._attention(self.attn[i], norm_in(x_ND), s, latent_cache, x_ND)
         h = norm_post(x_ND)
         kind, mod, w = self.mlp[i]
         if kind == "dense":
-            return x_ND + _swiglu(h, *w)
-        return x_ND + self._moe(mod, w, h)
+            return _swiglu(h, *w, acc=x_ND)
+        return self._moe(mod, w, h, x_ND)
 
     def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
                  last_only: bool = True, fresh: bool = False, last_index_B: torch.Tensor | None = None
