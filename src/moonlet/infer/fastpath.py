@@ -62,10 +62,10 @@ def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None 
     return y if bias is None else y + bias.to(y.dtype)
 
 
-# fp32 on CPU with 2..64 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
+# fp32 on CPU with 2..32 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
 # (small's lm_head at 8 rows: 6.4 -> 2.9 ms, 384 x 512 at 2 rows: 193 -> 95 us); equal near 96 rows,
 # slower above; one row is a matrix-vector product either way (LOG 2026-12-02)
-SKINNY_ROWS = (2, 64)
+SKINNY_ROWS = (2, 32)
 
 
 class _Proj:
@@ -212,10 +212,14 @@ class _Route:
 
 
 class _Norm:
-    """RMSNorm. On CPU as LayerNorm of [x, -x] (mean 0, variance mean(x^2): the same x / rms(x)),
-    because torch's CPU rms_norm is a composite of 6-8 small ops and layer_norm one fused kernel: per
-    [1, 512] call 19 -> 15 us in fp32 (bit-identical here), 69 -> 29 us in bf16 (rounds once instead of
-    twice). Elsewhere the module's own math (normalize in fp32, cast back, scale)."""
+    """RMSNorm. For a few rows on CPU as LayerNorm of [x, -x] (mean 0, variance mean(x^2): the same
+    x / rms(x)), because torch's CPU rms_norm is a composite of 6-8 small ops and layer_norm one fused
+    kernel: per [1, 512] call 19 -> 15 us in fp32 (bit-identical here), 69 -> 29 us in bf16 (rounds once
+    instead of twice). Over a prefill's rows the doubled copy costs more than the ops it saves (512 rows:
+    ~1.4 ms vs 0.5), so there and off CPU: fp32 rms_norm, or the module's math (normalize in fp32, cast
+    back, scale)."""
+
+    max_rows = 64
 
     def __init__(self, norm):
         self.norm = norm
@@ -223,9 +227,11 @@ class _Norm:
         self.w2 = torch.cat((w, torch.zeros_like(w)))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return self.norm(x)
         D = x.shape[-1]
+        if x.device.type != "cpu" or x.numel() > self.max_rows * D:
+            if x.dtype == torch.float32:
+                return F.rms_norm(x, (D,), self.norm.weight, self.norm.eps)
+            return self.norm(x)
         y = F.layer_norm(torch.cat((x, x.neg()), dim=-1), (2 * D,), self.w2, None, self.norm.eps)
         return y[..., :D]
 
