@@ -18,7 +18,9 @@ def test_fast_path_equals_model_forward(changes, form):
     m = CausalLM(preset("tiny").replace(**changes)).init_weights(seed=1, std=0.05).eval()
     fast = FastForward(m)
     fast.prefill_form = form
-    fast.loop_max_pairs = 8  # exercise both MoE dispatches
+    # exercise all three MoE dispatches: the 13-token prefill's 26 pairs through grouped_mm, the 3-token
+    # step over 2 rows (12 pairs) through the per-expert loop, 1-2 rows per token
+    fast.loop_max_pairs, fast.per_token_max_rows = 16, 2
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, 4096, (1, n), generator=g) for n in (13, 6))
     kv = KVCache(m.config, 2, 32, mtp=False)
@@ -119,7 +121,7 @@ def test_one_token_router_equals_router(changes):
     with torch.no_grad():
         ref = gate(x)
         for n in range(200):
-            got = dict(route(x[n:n + 1]))
+            got = dict(route(x[n:n + 1])[0])
             want = dict(zip(ref.indices_NK[n].tolist(), ref.weights_NK[n].tolist()))
             assert got.keys() == want.keys()
             # (a 1-row and a 200-row GEMM sum in different orders: logits differ by fp32 rounding)
