@@ -52,6 +52,17 @@ def _upcast(x: torch.Tensor) -> bool:
             and x.device.type == "cpu")
 
 
+# fp32 on CPU with 2..32 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
+# (small's lm_head at 8 rows: 6.4 -> 2.9 ms, 384 x 512 at 2 rows: 193 -> 95 us); equal near 96 rows,
+# slower above; one row is a matrix-vector product either way (LOG 2026-12-02)
+SKINNY_ROWS = (2, 32)
+
+
+def _skinny(x_NK: torch.Tensor) -> bool:
+    return SKINNY_ROWS[0] <= x_NK.shape[0] <= SKINNY_ROWS[1] and x_NK.dtype == torch.float32 \
+        and x_NK.device.type == "cpu"
+
+
 def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w[e]^T (+ bias) for a plain or quantized weight (stack), in fp32 where bf16 is slow (_upcast)."""
     if _upcast(x):
@@ -63,12 +74,6 @@ def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None 
     return y if bias is None else y + bias.to(y.dtype)
 
 
-# fp32 on CPU with 2..32 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
-# (small's lm_head at 8 rows: 6.4 -> 2.9 ms, 384 x 512 at 2 rows: 193 -> 95 us); equal near 96 rows,
-# slower above; one row is a matrix-vector product either way (LOG 2026-12-02)
-SKINNY_ROWS = (2, 32)
-
-
 class _Proj:
     """One projection for activations x [N, K]: a single mm against w.t() (a view made once), the
     quantized weight's kernel, or fp32 products where bf16 is slow (_upcast)."""
@@ -76,7 +81,6 @@ class _Proj:
     def __init__(self, w, bias: torch.Tensor | None = None):
         self.w, self.bias = w, bias
         self.wt = None if isinstance(w, QuantWeight) else w.t()
-        self.skinny = self.wt is not None and w.dtype == torch.float32 and w.device.type == "cpu"
 
     @classmethod
     def of(cls, mod) -> "_Proj":
@@ -88,7 +92,7 @@ class _Proj:
         if self.wt is None or _upcast(x_NK):
             y = _linear(x_NK, self.w, bias=self.bias)
             return y if acc is None else acc + y
-        if self.skinny and SKINNY_ROWS[0] <= x_NK.shape[0] <= SKINNY_ROWS[1]:
+        if _skinny(x_NK):
             y = torch.mm(self.w, x_NK.t()).t()
             if self.bias is not None:
                 y = y + self.bias
