@@ -4,17 +4,21 @@ What it changes against `CausalLM.forward` (all exact up to float rounding; test
 - absorbed MLA with the absorption folded into the weights once: W_UK into q_b_proj (the query
   comes out directly in latent space) and W_UV into o_proj, unless that costs over twice the
   multiply-adds of applying them per token (folded for `tiny`/`small`, not for DeepSeek-V3's sizes);
-- activations as [tokens, dim] and every projection one `mm` against a transposed view made once:
-  a decode step is ~100 matrix-vector products whose per-op overhead (a few us each) is most of its
-  time on CPU, and `F.linear` on [B, T, D] dispatches four ops (LOG 2026-12-02);
+- activations as [tokens, dim] and every projection one `mm` against a transposed view made once
+  (`F.linear` on [B, T, D] dispatches four ops), residual adds fused into the output projections
+  (addmm), q_a and kv_a as one matmul, RMSNorm as one fused kernel for a few rows: a CPU decode step
+  is ~100 matrix-vector products plus hundreds of small ops of a few us each (1,201 ops per `small`
+  step before, ~560 after; LOG 2026-12-02);
+- fp32 products of 2..32 rows as W @ x^T, which MKL runs 1.2-3x faster here;
 - decode: RoPE as one small bmm with per-token rotation matrices built once per forward (the model's
   own apply_rope applied to the identity), attention as one baddbmm -> softmax -> bmm over the latent
   cache in fp32 on CPU whatever the cache dtype, no mask when every row attends its whole prefix;
 - a fresh prefill (empty cache row) attends causally without a mask through the model's blocked
   CPU attention, in the form measured faster (absorbed / naive, `prefill_form`);
-- MoE: one token routes in Python over its E scores (3 ops instead of ~25) and runs its experts on
-  per-expert weight views, the down projection accumulating into the shared expert's output (addmm);
-  up to 1024 (token, expert) pairs run only the chosen experts; beyond, grouped_mm;
+- MoE: up to 4 tokens route in Python over their E scores (3 ops instead of ~25) and each runs its
+  own experts on per-expert weight views, the down projection accumulating into the shared expert's
+  output (addmm); up to 1024 (token, expert) pairs run only the chosen experts, sorted by expert;
+  beyond, grouped_mm;
 - gate and up projections of dense MLPs and shared experts fused into one matmul;
 - on CPUs without native bf16 matmuls, bf16 products of >= 64 rows (prefill) run in fp32;
 - weight-only quantized weights (moonlet.model.quant) through their kernels.
@@ -484,11 +488,7 @@ class FastForward:
             h = hidden[:, -1]
         else:
             h = hidden.reshape(B * T, -1)
-        return self.lm_head(h).view(B, -1, self.lm_head_out), hidden
-
-    @property
-    def lm_head_out(self) -> int:
-        return self.cfg.vocab_size
+        return self.lm_head(h).view(B, -1, self.cfg.vocab_size), hidden
 
     def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
             cache: list[LayerCache], fresh: bool = False) -> torch.Tensor:
