@@ -381,6 +381,40 @@ def test_limits_routes_and_server_keeps_answering(server, client):
     assert r.usage.completion_tokens >= 1
 
 
+def test_engine_refusals_carry_their_code(ref_engine):
+    """The scheduler's own checks (a backstop behind the routes' checks) reach the API as explicit codes,
+    and a refused request leaves no trace in the loop (reference: Scheduler.add's documented refusals)."""
+    import asyncio
+
+    from moonlet.infer.engine import SamplingParams
+    from moonlet.serve.loop import EngineLoop, Refused
+
+    loop = EngineLoop(ref_engine, max_batch=1, max_queue=0).start()
+
+    async def run(ids: list[int]):
+        q: asyncio.Queue = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+        await loop.submit([(ids, SamplingParams(max_new_tokens=2))],
+                          lambda i, ev: aloop.call_soon_threadsafe(q.put_nowait, ev))
+        while not (ev := await asyncio.wait_for(q.get(), 30)).finished:
+            pass
+        return ev
+
+    try:
+        n = ref_engine.max_seq
+        for ids, code in (([5] * n, "context_length_exceeded"), ([5, ref_engine.vocab_size], "invalid_value"),
+                          ([], "invalid_value")):
+            with pytest.raises(Refused) as e:
+                asyncio.run(run(ids))
+            assert e.value.code == code, (len(ids), e.value)
+            if code == "context_length_exceeded":
+                assert str(n) in str(e.value)  # the engine's message names the lengths
+        ev = asyncio.run(run([5, 6, 7]))  # one slot, no queue: only free if the refused jobs left
+        assert ev.finish_reason in ("stop", "length") and ev.completion_tokens >= 1
+    finally:
+        loop.stop()
+
+
 def test_api_key_enforced_on_v1(server):
     for path, method, body in [("/v1/models", "GET", None), ("/v1/chat/completions", "POST", CHAT),
                                ("/v1/completions", "POST", {"model": "tiny", "prompt": "x", "max_tokens": 1})]:

@@ -22,7 +22,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
@@ -34,6 +34,9 @@ from .loop import EngineFailure, EngineLoop, Metrics, Refused, QueueFull, Shutti
 from .schemas import (MAX_N, UNSUPPORTED, UNSUPPORTED_OK, ChatCompletion, ChatCompletionRequest, Completion,
                       CompletionRequest, ErrorResponse, ModelCard, ModelList)
 
+if TYPE_CHECKING:
+    from moonlet.infer.engine import Engine
+
 log = logging.getLogger("moonlet.serve")
 STATIC = Path(__file__).parent / "static"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -42,7 +45,7 @@ _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 413, 429, 503)}
 
 @dataclass
 class ServerState:
-    engine: Any
+    engine: "Engine"
     model_name: str
     loop: EngineLoop
     metrics: Metrics
@@ -63,10 +66,10 @@ class ServerState:
 # app
 
 
-def create_app(engine: Any, model_name: str = "moonlet", *, api_key: str | None = None, max_batch: int = 16,
+def create_app(engine: "Engine", model_name: str = "moonlet", *, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
     """The server for one engine. The engine loop starts and stops with the app (ASGI lifespan)."""
-    if getattr(engine, "tokenizer", None) is None:
+    if engine.tokenizer is None:
         raise ValueError("the server needs an engine with a tokenizer (text in, text out)")
     metrics = Metrics()
     loop = EngineLoop(engine, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
@@ -340,7 +343,7 @@ def _completion_prompts(s: ServerState, req: CompletionRequest) -> list[list[int
     else:
         texts = list(p)
     out = []
-    vocab = int(getattr(s.engine, "vocab_size", None) or getattr(s.tokenizer, "vocab_size", 1 << 62))
+    vocab = s.engine.vocab_size
     for t in texts:
         if isinstance(t, str):
             ids = s.engine.encode(_valid_text(t, "prompt"))  # as Engine.generate encodes it (bos included)
@@ -367,10 +370,8 @@ async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: async
         return await s.loop.submit(prompts, sink)
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-    except Refused as e:  # the engine refused the request (its message says why)
-        msg = str(e)
-        code = "context_length_exceeded" if any(w in msg for w in ("context", "long", "max_seq")) else "invalid_value"
-        raise APIError(400, msg, param=param if code == "context_length_exceeded" else None, code=code) from None
+    except Refused as e:  # the engine refused the request (its message says why, its code which kind)
+        raise APIError(400, str(e), param=param if e.code == "context_length_exceeded" else None, code=e.code) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), code="shutting_down") from None
 
@@ -396,9 +397,9 @@ def _byte_decoder() -> dict[str, int]:
 def _token_bytes(tok: Any, token_id: int) -> list[int]:
     """The token's own bytes (OpenAI's `bytes`): exact for byte-level BPE even when the token is part
     of a multi-byte character (its decoded text would be U+FFFD); else the UTF-8 of its text."""
-    piece = tok.id_to_token(token_id) if hasattr(tok, "id_to_token") else None
+    piece = tok.id_to_token(token_id)
     table = _byte_decoder()
-    if piece and all(ch in table for ch in piece) and token_id not in getattr(tok, "special_ids", ()):
+    if piece and all(ch in table for ch in piece) and token_id not in tok.special_ids:
         return [table[ch] for ch in piece]
     return list(_token_str(tok, token_id).encode("utf-8"))
 
@@ -410,22 +411,19 @@ def _token_bytes(tok: Any, token_id: int) -> list[int]:
 @dataclass
 class _Choice:
     text: list[str] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[int, float, list]] = field(default_factory=list)
     finish_reason: str | None = None
-    completion_tokens: int | None = None
+    completion_tokens: int = 0  # the engine's count (stop tokens included), from the final event
 
 
 def _apply(c: _Choice, ev: Any) -> None:
     if ev.text_delta:
         c.text.append(ev.text_delta)
-    if ev.token_id is not None:
-        c.tokens.append(int(ev.token_id))
-        if ev.logprob is not None:
-            c.logprobs.append((int(ev.token_id), float(ev.logprob), list(ev.top_logprobs or [])))
+    if ev.token_id is not None and ev.logprob is not None:
+        c.logprobs.append((int(ev.token_id), float(ev.logprob), list(ev.top_logprobs or [])))
     if ev.finished:
         c.finish_reason = ev.finish_reason
-        c.completion_tokens = getattr(ev, "completion_tokens", None)
+        c.completion_tokens = ev.completion_tokens
 
 
 def _finish_reason(ev_reason: str | None) -> str:
@@ -433,17 +431,11 @@ def _finish_reason(ev_reason: str | None) -> str:
 
 
 def _failure(ev: EngineFailure) -> APIError:
-    if "shutting down" in ev.message:
-        return APIError(503, ev.message, code="shutting_down")
-    return APIError(500, ev.message, code="engine_error")
-
-
-def _n_completion(c: _Choice) -> int:
-    return c.completion_tokens if c.completion_tokens is not None else len(c.tokens)
+    return APIError(503 if ev.code == "shutting_down" else 500, ev.message, code=ev.code)
 
 
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
-    done = sum(_n_completion(c) for c in choices)
+    done = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
 

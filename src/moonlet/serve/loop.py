@@ -8,7 +8,8 @@ loop (`call_soon_threadsafe`). Finished requests leave the batch inside the sche
 
 Admission: at most `max_batch` sequences run, at most `max_queue` more wait; beyond that `submit`
 raises QueueFull (-> 429) without touching the engine. A prompt the engine refuses (longer than the
-context, a token outside the vocabulary) raises Refused (-> 400) from `submit` with the engine's message.
+context, a token outside the vocabulary) raises Refused (-> 400) from `submit` with the engine's message
+and an OpenAI error code; an EngineFailure carries its code too, so the HTTP side never reads messages.
 Shutdown: `drain()` refuses new work while running requests finish; `stop()` ends the rest with an
 error event and joins the thread.
 """
@@ -21,7 +22,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from moonlet.infer.engine import Engine
 
 log = logging.getLogger("moonlet.serve")
 
@@ -31,7 +35,12 @@ class QueueFull(Exception):
 
 
 class Refused(ValueError):
-    """The engine's Scheduler.add refused the request (e.g. prompt longer than the context)."""
+    """The engine's Scheduler.add refused the request. `code` is OpenAI's: 'context_length_exceeded'
+    (the prompt leaves no room in the scheduler's context) or 'invalid_value' (anything else)."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
 
 
 class ShuttingDown(Exception):
@@ -40,10 +49,11 @@ class ShuttingDown(Exception):
 
 @dataclass
 class EngineFailure:
-    """Delivered instead of a TokenEvent when the engine raised or the server stopped."""
+    """Delivered instead of a TokenEvent when the engine raised ('engine_error') or the server
+    stopped before the request finished ('shutting_down')."""
 
     message: str
-    finished: bool = True
+    code: str = "engine_error"
 
 
 @dataclass(eq=False)
@@ -97,11 +107,11 @@ class Metrics:
 
 
 class EngineLoop:
-    def __init__(self, engine: Any, max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(self, engine: "Engine", max_batch: int = 16, max_queue: int = 64, metrics: Metrics | None = None):
         self.engine = engine
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics or Metrics()
-        self.sched = self._make_scheduler(engine)
+        self.sched = engine.scheduler(max_batch=max_batch)  # moonlet.infer.scheduler.Scheduler
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox: list[Job] = []  # jobs to add, in order
@@ -114,16 +124,6 @@ class EngineLoop:
         self.num_running = 0  # snapshot of the scheduler after the last step (for /metrics)
         self.num_waiting = 0
         self.cache_usage = 0.0
-
-    def _make_scheduler(self, engine: Any) -> Any:
-        if hasattr(engine, "scheduler"):
-            try:
-                return engine.scheduler(max_batch=self.max_batch)
-            except TypeError:  # an engine whose scheduler takes no options
-                return engine.scheduler()
-        from moonlet.infer.engine import Scheduler
-
-        return Scheduler(engine)
 
     # ---- called from HTTP handlers -------------------------------------------------------------
 
@@ -172,10 +172,8 @@ class EngineLoop:
             self.abort(jobs)
             raise
         err = next((j.add_error for j in jobs if j.add_error is not None), None)
-        if err is not None:
+        if err is not None:  # Refused, ShuttingDown (the loop died), or an engine bug (-> 500)
             self.abort(jobs)
-            if isinstance(err, ValueError):
-                raise Refused(str(err)) from None
             raise err
         return jobs
 
@@ -219,7 +217,7 @@ class EngineLoop:
             log.exception("the engine loop died")
             with self._lock:
                 self._draining = self._stopping = True
-            self._fail_all(f"the engine loop failed ({type(e).__name__}: {e})")
+            self._fail_all(EngineFailure(f"the engine loop failed ({type(e).__name__}: {e})"))
             for j in self._inbox:  # submitted but never added: wake their handlers
                 j.add_error = ShuttingDown("the engine loop is not running")
                 self._finish(j)
@@ -239,7 +237,8 @@ class EngineLoop:
             for j in inbox:
                 self._add_one(j)
             if stopping:
-                self._fail_all("the server is shutting down; the request was not finished")
+                self._fail_all(EngineFailure("the server is shutting down; the request was not finished",
+                                             "shutting_down"))
                 return
             if self.sched.has_work():
                 self._step()
@@ -254,7 +253,11 @@ class EngineLoop:
                     self.metrics.prompt_tokens += len(j.prompt_ids)
             else:
                 self._finish(j)
-        except Exception as e:  # noqa: BLE001 - a refused request must not take the loop down
+        except ValueError as e:  # the scheduler's refusal; the one case OpenAI names is a too-long prompt
+            code = "context_length_exceeded" if len(j.prompt_ids) >= self.sched.max_seq else "invalid_value"
+            j.add_error = Refused(str(e), code)
+            self._finish(j)
+        except Exception as e:  # noqa: BLE001 - an engine bug must not take the loop down
             j.add_error = e
             self._finish(j)
         finally:
@@ -287,7 +290,7 @@ class EngineLoop:
             log.exception("engine step failed")
             with self.metrics.lock:
                 self.metrics.engine_errors += 1
-            self._fail_all(f"the engine failed during generation ({type(e).__name__}: {e})")
+            self._fail_all(EngineFailure(f"the engine failed during generation ({type(e).__name__}: {e})"))
             return
         now = time.perf_counter()
         n_tokens = 0
@@ -295,7 +298,7 @@ class EngineLoop:
             j = self._by_rid.get(ev.request_id)
             if j is None:  # aborted meanwhile
                 continue
-            if getattr(ev, "token_id", None) is not None:
+            if ev.token_id is not None:
                 n_tokens += 1
                 if j.t_first is None:
                     j.t_first = now
@@ -310,12 +313,9 @@ class EngineLoop:
 
     def _snapshot(self) -> None:
         """The scheduler's gauges, copied for /metrics (handlers never read the scheduler itself)."""
-        try:
-            self.num_running = int(self.sched.num_running)
-            self.num_waiting = int(self.sched.num_waiting)
-            self.cache_usage = float(self.sched.cache_usage)
-        except Exception:  # noqa: BLE001 - gauges are best effort
-            pass
+        self.num_running = self.sched.num_running
+        self.num_waiting = self.sched.num_waiting
+        self.cache_usage = self.sched.cache_usage
 
     def _deliver(self, j: Job, item: Any) -> None:
         try:
@@ -323,7 +323,7 @@ class EngineLoop:
         except Exception:  # noqa: BLE001 - e.g. the handler's event loop already closed
             log.debug("dropping an event for a closed request", exc_info=True)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, failure: EngineFailure) -> None:
         for j in list(self._by_rid.values()):
             try:
                 self.sched.abort(j.rid)
@@ -331,5 +331,5 @@ class EngineLoop:
                 pass
             self._finish(j)
             if not j.cancelled:
-                self._deliver(j, EngineFailure(message))
+                self._deliver(j, failure)
         self.num_running = self.num_waiting = 0
