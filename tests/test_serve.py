@@ -179,6 +179,42 @@ def test_sampling_options(client, ref_engine):
     assert r.choices[0].text == _greedy(ref_engine, ids, 3).text and r.usage.prompt_tokens == 3
 
 
+def test_streams_carry_logprobs_and_usage(server, ref_engine):
+    """Streamed logprobs (chat and legacy completions, n=2) are the engine's, in OpenAI's chunk shapes;
+    without include_usage the usage rides on the last chunk only."""
+    tok = ref_engine.tokenizer
+    ref = _greedy(ref_engine, "To be", 5, ignore_eos=True, logprobs=True, top_logprobs=1)
+    body = {"model": "tiny", "prompt": "To be", "max_tokens": 5, "temperature": 0, "ignore_eos": True, "n": 2,
+            "logprobs": 1, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        events = _sse(r.iter_lines())
+    assert events[-1] == "[DONE]" and all(e["object"] == "text_completion" for e in events[:-1])
+    assert [("usage" in e) for e in events[:-1]] == [False] * (len(events) - 2) + [True]
+    assert events[-2]["usage"]["completion_tokens"] == 10
+    for i in (0, 1):
+        mine = [e["choices"][0] for e in events[:-1] if e["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == ref.text
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [ref.finish_reason]
+        lps = [c["logprobs"] for c in mine if c["logprobs"]["tokens"]]
+        assert [lp["token_logprobs"][0] for lp in lps] == pytest.approx([x["logprob"] for x in ref.logprobs], abs=1e-4)
+        # a chunk's text_offset: the characters streamed before it (text held back for a stop string or
+        # an unfinished UTF-8 character counts when it is sent)
+        assert [c["logprobs"]["text_offset"][0] for c in mine if c["logprobs"]["tokens"]] == \
+            [len("".join(d["text"] for d in mine[:k])) for k, c in enumerate(mine) if c["logprobs"]["tokens"]]
+    msgs = [{"role": "user", "content": "Hello"}]
+    ref = _greedy(ref_engine, tok.apply_chat_template(msgs, add_generation_prompt=True), 4, ignore_eos=True,
+                  logprobs=True, top_logprobs=2)
+    body = {"model": "tiny", "messages": msgs, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        events = _sse(r.iter_lines())
+    content = [t for e in events[:-1] if e["choices"][0]["logprobs"] for t in e["choices"][0]["logprobs"]["content"]]
+    assert [t["logprob"] for t in content] == pytest.approx([x["logprob"] for x in ref.logprobs], abs=1e-4)
+    assert all(len(t["top_logprobs"]) == 2 for t in content)
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == ref.text
+    assert events[-2]["choices"][0]["finish_reason"] == ref.finish_reason and "usage" in events[-2]
+
+
 # ---------------------------------------------------------------------------------------------
 # continuous batching
 

@@ -22,7 +22,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
@@ -434,6 +434,10 @@ def _failure(ev: EngineFailure) -> APIError:
     return APIError(503 if ev.code == "shutting_down" else 500, ev.message, code=ev.code)
 
 
+def _aborted() -> APIError:
+    return APIError(500, "the engine aborted the request", code="engine_error")
+
+
 def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
     done = sum(c.completion_tokens for c in choices)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
@@ -458,7 +462,7 @@ async def _collect(request: Request, s: ServerState, jobs: list[Any], q: asyncio
             if ev.finished:
                 left -= 1
                 if ev.finish_reason == "abort":
-                    raise APIError(500, "the engine aborted the request", code="engine_error")
+                    raise _aborted()
     except BaseException:
         s.loop.abort(jobs)
         raise
@@ -486,6 +490,43 @@ def _completion_logprobs(tok: Any, c: _Choice, offset0: int = 0) -> dict:
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _event_stream(jobs: list[Any], q: asyncio.Queue, head: dict, n_prompt: int, include_usage: bool,
+                        chunks: Callable[[int, Any, list], list[dict]], opening: tuple[dict, ...] = ()
+                        ) -> AsyncIterator[bytes]:
+    """What both streams share: the queue drained until every choice finished, each event turned into
+    the route's `chunks(index, event, new_logprobs)` ("choices" entries, one per SSE chunk), an engine
+    failure or abort as an in-band error; usage on the last chunk, or with include_usage (OpenAI's
+    stream_options) as `usage: null` on every chunk and a final chunk of its own; always `[DONE]`."""
+    if include_usage:
+        head = {**head, "usage": None}
+    for entry in opening:
+        yield _sse({**head, "choices": [entry]})
+    choices = [_Choice() for _ in jobs]
+    left = len(jobs)
+    while left:
+        index, ev = await q.get()
+        if isinstance(ev, EngineFailure):
+            yield _sse(_failure(ev).body())
+            break
+        c = choices[index]
+        n_lp = len(c.logprobs)
+        _apply(c, ev)
+        if ev.finished:
+            left -= 1
+            if ev.finish_reason == "abort":
+                yield _sse(_aborted().body())
+                break
+        out = [{**head, "choices": [entry]} for entry in chunks(index, ev, c.logprobs[n_lp:])]
+        if out and ev.finished and not left and not include_usage:  # usage in every response: on the last chunk
+            out[-1]["usage"] = _usage(n_prompt, choices)
+        for chunk in out:
+            yield _sse(chunk)
+    else:
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(n_prompt, choices)})
+    yield b"data: [DONE]\n\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,43 +560,23 @@ async def _chat(request: Request, req: ChatCompletionRequest) -> Any:
             "choices": out, "usage": _usage(len(ids), choices)}
 
 
-async def _chat_events(s: ServerState, req: ChatCompletionRequest, jobs: list[Any], q: asyncio.Queue, rid: str,
-                       created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
-    if include_usage:
-        head["usage"] = None
-    choices = [_Choice() for _ in jobs]
-    for i in range(len(jobs)):
-        yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                         "logprobs": None, "finish_reason": None}]})
-    left = len(jobs)
-    while left:
-        index, ev = await q.get()
-        if isinstance(ev, EngineFailure):
-            yield _sse(_failure(ev).body())
-            break
-        c = choices[index]
-        n_lp = len(c.logprobs)
-        _apply(c, ev)
-        new_lp = c.logprobs[n_lp:]
+def _chat_events(s: ServerState, req: ChatCompletionRequest, jobs: list[Any], q: asyncio.Queue, rid: str,
+                 created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+    """chat.completion.chunk: a role chunk per choice first, then content deltas, then a finish chunk."""
+    def chunks(index: int, ev: Any, new_lp: list) -> list[dict]:
+        out = []
         if ev.text_delta or (req.logprobs and new_lp):
             lp = _chat_logprobs(s.tokenizer, _Choice(logprobs=new_lp)) if req.logprobs else None
-            yield _sse({**head, "choices": [{"index": index, "delta": {"content": ev.text_delta or ""},
-                                             "logprobs": lp, "finish_reason": None}]})
+            out.append({"index": index, "delta": {"content": ev.text_delta or ""}, "logprobs": lp,
+                        "finish_reason": None})
         if ev.finished:
-            left -= 1
-            if ev.finish_reason == "abort":
-                yield _sse(APIError(500, "the engine aborted the request", code="engine_error").body())
-                break
-            last = {**head, "choices": [{"index": index, "delta": {}, "logprobs": None,
-                                         "finish_reason": ev.finish_reason or "stop"}]}
-            if not left and not include_usage:  # usage in every response: on the last chunk
-                last["usage"] = _usage(n_prompt, choices)
-            yield _sse(last)
-    else:
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(n_prompt, choices)})
-    yield b"data: [DONE]\n\n"
+            out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason or "stop"})
+        return out
+
+    opening = tuple({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None} for i in range(len(jobs)))
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": s.model_name}
+    return _event_stream(jobs, q, head, n_prompt, include_usage, chunks, opening)
 
 
 def _stream_response(events: AsyncIterator[bytes], s: ServerState, jobs: list[Any]) -> StreamingResponse:
@@ -637,40 +658,23 @@ async def _completions(request: Request, req: CompletionRequest) -> Any:
             "choices": out, "usage": _usage(n_prompt, choices)}
 
 
-async def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[Any], q: asyncio.Queue, rid: str,
-                             created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
-    head = {"id": rid, "object": "text_completion", "created": created, "model": s.model_name}
-    if include_usage:
-        head["usage"] = None
-    choices = [_Choice() for _ in jobs]
+def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[Any], q: asyncio.Queue, rid: str,
+                       created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
+    """text_completion chunks: the text delta, its logprobs and (on the last) the finish reason together."""
     lp = req.logprobs is not None
-    left = len(jobs)
-    while left:
-        index, ev = await q.get()
-        if isinstance(ev, EngineFailure):
-            yield _sse(_failure(ev).body())
-            break
-        c = choices[index]
-        n_lp = len(c.logprobs)
-        offset = sum(len(t) for t in c.text) if lp else 0  # text offsets are only reported with logprobs
-        _apply(c, ev)
-        if ev.finished and ev.finish_reason == "abort":
-            yield _sse(APIError(500, "the engine aborted the request", code="engine_error").body())
-            break
-        if ev.text_delta or ev.finished or (lp and len(c.logprobs) > n_lp):
-            if ev.finished:
-                left -= 1
-            chunk = {**head, "choices": [{
-                "index": index, "text": ev.text_delta or "",
-                "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=c.logprobs[n_lp:]), offset) if lp else None,
-                "finish_reason": (ev.finish_reason or "stop") if ev.finished else None}]}
-            if ev.finished and not left and not include_usage:
-                chunk["usage"] = _usage(n_prompt, choices)
-            yield _sse(chunk)
-    else:
-        if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(n_prompt, choices)})
-    yield b"data: [DONE]\n\n"
+    sent = [0] * len(jobs)  # characters sent per choice (logprobs' text_offset)
+
+    def chunks(index: int, ev: Any, new_lp: list) -> list[dict]:
+        offset = sent[index]
+        sent[index] += len(ev.text_delta or "")
+        if not (ev.text_delta or ev.finished or (lp and new_lp)):
+            return []
+        return [{"index": index, "text": ev.text_delta or "",
+                 "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=new_lp), offset) if lp else None,
+                 "finish_reason": (ev.finish_reason or "stop") if ev.finished else None}]
+
+    head = {"id": rid, "object": "text_completion", "created": created, "model": s.model_name}
+    return _event_stream(jobs, q, head, n_prompt, include_usage, chunks)
 
 
 # ---------------------------------------------------------------------------------------------
