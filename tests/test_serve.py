@@ -74,7 +74,7 @@ def _sse(lines) -> list:
 
 
 def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
+    for line in httpx.get(url + "/metrics", headers=AUTH).text.splitlines():  # (a keyless server ignores it)
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(name)
@@ -465,16 +465,29 @@ def test_api_key_enforced_on_v1(server):
     assert httpx.get(server.url + "/v1/nothing").status_code == 401
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
-    # the page, health and metrics are open (the page asks for the key)
-    for path in ("/", "/health", "/metrics", "/openapi.json"):
+    # /metrics needs the key too (load and traffic are the operator's business)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.get(server.url + "/metrics", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(server.url + "/metrics", headers=AUTH)
+    assert r.status_code == 200 and "moonlet_requests_total" in r.text
+    # the page, the docs and health (liveness probes) are open (the page asks for the key)
+    for path in ("/", "/health", "/openapi.json"):
         assert httpx.get(server.url + path).status_code == 200, path
+
+
+def test_public_metrics_opts_out_of_the_key_for_metrics_only(ref_engine):
+    with LiveServer(ref_engine, api_key=KEY, max_batch=1, max_queue=0, public_metrics=True) as srv:
+        assert httpx.get(srv.url + "/metrics").status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        assert httpx.get(srv.url + "/v1/models", headers=AUTH).status_code == 200
 
 
 def test_health_metrics_page_openapi(server, client):
     client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     h = httpx.get(server.url + "/health").json()
     assert h["status"] == "ok" and h["model"] == "tiny"
-    text = httpx.get(server.url + "/metrics").text
+    text = httpx.get(server.url + "/metrics", headers=AUTH).text
     for name in ("requests_total", "generation_tokens_total", "generation_tokens_per_second", "queue_length",
                  "running_requests", "cache_usage", "prompt_tokens_total", "time_to_first_token_seconds_count"):
         assert f"# TYPE moonlet_{name.removesuffix('_count')}" in text, name

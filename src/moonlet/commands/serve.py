@@ -12,8 +12,9 @@ from pathlib import Path
 from .generate import add_quantize_args, quantize_engine
 
 EPILOG = """\
-routes:   POST /v1/chat/completions, POST /v1/completions, GET /v1/models (API key checked on /v1),
-          GET /health, GET /metrics (Prometheus), GET /docs (OpenAPI), GET / (chat page)
+routes:   POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /metrics (Prometheus)
+          (with an API key all of these need it; --public-metrics opens /metrics),
+          GET /health (always open), GET /docs (OpenAPI), GET / (chat page)
 examples:
   moonlet serve runs/demo/sft                       # then open http://127.0.0.1:8000/
   MOONLET_API_KEY=secret moonlet serve ckpt --host 0.0.0.0 --port 8080
@@ -32,7 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (default: $MOONLET_API_KEY)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $MOONLET_API_KEY)")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (a scraper that cannot send one, on a trusted network)")
     p.add_argument("--model-name", help="model id in the API (default: the checkpoint directory's name)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch before 429 (default 64)")
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt} has no tokenizer.json: the server needs the checkpoint's tokenizer "
                          "(moonlet tokenizer train, then copy tokenizer.json + tokenizer_config.json there)")
     app = create_app(engine, name, api_key=api_key, max_batch=args.max_batch, max_queue=args.max_queue,
-                     max_body_bytes=args.max_body_kb * 1024)
+                     max_body_bytes=args.max_body_kb * 1024, public_metrics=args.public_metrics)
     print(f"moonlet serve: {ckpt} as '{name}' on http://{args.host}:{args.port}/ (context {engine.max_seq}, "
           f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if api_key else ''})", flush=True)
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes that a clean exit 0

@@ -2,9 +2,11 @@
 
     app = create_app(engine, model_name="tiny")         # then: uvicorn.run(app, host="127.0.0.1")
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models (API key checked on every
-/v1 route), GET /health, GET /metrics (Prometheus text), GET / (the chat page), plus FastAPI's
-/openapi.json and /docs. A request becomes one scheduler job per choice (n) and per prompt; its
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /metrics (Prometheus
+text), GET /health, GET / (the chat page), plus FastAPI's /openapi.json and /docs. With an API key,
+every /v1 route and /metrics need it (request counts and load are the operator's business;
+`public_metrics=True` opens /metrics to a scraper that cannot send a key); /health stays open for
+liveness probes, and the page and the docs hold no data. A request becomes one scheduler job per choice (n) and per prompt; its
 tokens come back as TokenEvents and leave as JSON (collected) or server-sent events (stream=true,
 ending in `data: [DONE]`). A client that goes away aborts its jobs, which frees their batch slots.
 """
@@ -51,6 +53,7 @@ class ServerState:
     metrics: Metrics
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    public_metrics: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -67,13 +70,13 @@ class ServerState:
 
 
 def create_app(engine: "Engine", model_name: str = "moonlet", *, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 64, max_body_bytes: int = 1 << 20) -> FastAPI:
+               max_queue: int = 64, max_body_bytes: int = 1 << 20, public_metrics: bool = False) -> FastAPI:
     """The server for one engine. The engine loop starts and stops with the app (ASGI lifespan)."""
     if engine.tokenizer is None:
         raise ValueError("the server needs an engine with a tokenizer (text in, text out)")
     metrics = Metrics()
     loop = EngineLoop(engine, max_batch=max_batch, max_queue=max_queue, metrics=metrics)
-    state = ServerState(engine, model_name, loop, metrics, api_key or None, max_body_bytes)
+    state = ServerState(engine, model_name, loop, metrics, api_key or None, max_body_bytes, public_metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -87,7 +90,7 @@ def create_app(engine: "Engine", model_name: str = "moonlet", *, api_key: str | 
     errors.install(app)
     app.add_middleware(_BodyLimitAndCount, state=state)
 
-    v1 = APIRouter(prefix="/v1", responses=_ERRORS)  # (the API key is checked by the middleware)
+    v1 = APIRouter(prefix="/v1", responses=_ERRORS)  # (the API key is checked by the middleware, as on /metrics)
     v1.add_api_route("/chat/completions", _chat, methods=["POST"], response_model=None,
                      responses={200: {"model": ChatCompletion, "description": "JSON, or server-sent events "
                                       "of chat.completion.chunk objects when stream=true"}})
@@ -122,7 +125,7 @@ def _key_error(api_key: str | None, headers: dict[bytes, bytes]) -> APIError | N
 
 
 class _BodyLimitAndCount:
-    """ASGI middleware, in front of everything: the API key on /v1 (401 before the body is even read),
+    """ASGI middleware, in front of everything: the API key on /v1 and /metrics (401 before the body is read),
     POST bodies read up to the limit (413 beyond it, whether announced by Content-Length or streamed
     chunked) before the app sees them, and a count of requests by route and status for /metrics."""
 
@@ -144,7 +147,8 @@ class _BodyLimitAndCount:
 
         try:
             headers = dict(scope.get("headers") or [])
-            if scope["path"] == "/v1" or scope["path"].startswith("/v1/"):
+            path = scope["path"]
+            if path == "/v1" or path.startswith("/v1/") or (path == "/metrics" and not self.state.public_metrics):
                 err = _key_error(self.state.api_key, headers)
                 if err is not None:
                     return await err.response()(scope, receive, send_counted)
