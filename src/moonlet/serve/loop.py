@@ -1,9 +1,11 @@
 """The one engine loop: a background thread that owns the Scheduler and does continuous batching.
 
-HTTP handlers (asyncio, uvicorn's thread) never touch the scheduler. They `submit` jobs to an inbox;
-the loop thread, between two decode steps, adds waiting jobs to the scheduler (so they join the
-running batch at the next step) and executes aborts (a disconnected client frees its slot before the
-next step). Each step's TokenEvents go back to the handler that owns the request through its asyncio
+The Scheduler is not thread-safe, and need not be: it is built in __init__ (before the thread starts)
+and afterwards only the loop thread calls it (add, step, abort, has_work, the gauges: everything under
+`_run`), while HTTP handlers (asyncio, uvicorn's thread) only touch the inbox and abort lists under
+`_lock` and read the gauges `_snapshot` copies. Handlers `submit` jobs to the inbox; the loop thread,
+between two decode steps, adds waiting jobs to the scheduler (so they join the running batch at the
+next step) and executes aborts (a disconnected client frees its slot before the next step). Each step's TokenEvents go back to the handler that owns the request through its asyncio
 loop (`call_soon_threadsafe`). Finished requests leave the batch inside the scheduler at once.
 
 Admission: at most `max_batch` sequences run, at most `max_queue` more wait; beyond that `submit`
