@@ -5,8 +5,9 @@ and afterwards only the loop thread calls it (add, step, abort, has_work, the ga
 `_run`), while HTTP handlers (asyncio, uvicorn's thread) only touch the inbox and abort lists under
 `_lock` and read the gauges `_snapshot` copies. Handlers `submit` jobs to the inbox; the loop thread,
 between two decode steps, adds waiting jobs to the scheduler (so they join the running batch at the
-next step) and executes aborts (a disconnected client frees its slot before the next step). Each step's TokenEvents go back to the handler that owns the request through its asyncio
-loop (`call_soon_threadsafe`). Finished requests leave the batch inside the scheduler at once.
+next step) and executes aborts (a disconnected client frees its slot before the next step). Each
+step's TokenEvents go back to the handler that owns the request through its asyncio loop
+(`call_soon_threadsafe`). Finished requests leave the batch inside the scheduler at once.
 
 Admission: at most `max_batch` sequences run, at most `max_queue` more wait; beyond that `submit`
 raises QueueFull (-> 429) without touching the engine. A prompt the engine refuses (longer than the
