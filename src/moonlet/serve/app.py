@@ -6,9 +6,11 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /me
 text), GET /health, GET / (the chat page), plus FastAPI's /openapi.json and /docs. With an API key,
 every /v1 route and /metrics need it (request counts and load are the operator's business;
 `public_metrics=True` opens /metrics to a scraper that cannot send a key); /health stays open for
-liveness probes, and the page and the docs hold no data. A request becomes one scheduler job per choice (n) and per prompt; its
-tokens come back as TokenEvents and leave as JSON (collected) or server-sent events (stream=true,
-ending in `data: [DONE]`). A client that goes away aborts its jobs, which frees their batch slots.
+liveness probes, and the page and the docs hold no data.
+
+A request becomes one scheduler job per choice (n) and per prompt; its tokens come back as
+TokenEvents and leave as JSON (collected) or server-sent events (stream=true, ending in `data: [DONE]`).
+A client that goes away aborts its jobs, which frees their batch slots.
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ def _key_error(api_key: str | None, headers: dict[bytes, bytes]) -> APIError | N
 
 
 class _BodyLimitAndCount:
-    """ASGI middleware, in front of everything: the API key on /v1 and /metrics (401 before the body is read),
+    """ASGI middleware, in front of everything: the API key on /v1 and /metrics (401 before any body),
     POST bodies read up to the limit (413 beyond it, whether announced by Content-Length or streamed
     chunked) before the app sees them, and a count of requests by route and status for /metrics."""
 
@@ -375,7 +377,8 @@ async def _submit(s: ServerState, prompts: list[tuple[list[int], Any]], q: async
     except QueueFull as e:
         raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
     except Refused as e:  # the engine refused the request (its message says why, its code which kind)
-        raise APIError(400, str(e), param=param if e.code == "context_length_exceeded" else None, code=e.code) from None
+        where = param if e.code == "context_length_exceeded" else None
+        raise APIError(400, str(e), param=where, code=e.code) from None
     except ShuttingDown as e:
         raise APIError(503, str(e), code="shutting_down") from None
 
