@@ -120,14 +120,16 @@ class DistRuntime(Runtime):
     def skip_microbatch(self, batch) -> bool:
         """Count this micro-batch's loss tokens (main head, each MTP depth) on every rank. A rank with
         none at some head would run that head without a gradient and its FSDP reduction would not
-        match its peers', so then every rank skips the micro-batch (rare: fully masked SFT rows)."""
+        match its peers', so then every rank skips the micro-batch (rare: fully masked SFT rows).
+        One all-reduce (sum) of [counts, count == 0]: a head's summed zero flags are > 0 exactly when
+        some rank has no target there (the minimum over ranks is 0); float64 keeps the counts exact."""
         counts = torch.tensor([float((lab != IGNORE_INDEX).sum()) for lab in [batch.labels, *batch.mtp_labels]],
                               dtype=torch.float64, device=self.device)
-        total, least = counts.clone(), counts.clone()
-        dist.all_reduce(total)
-        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        both = torch.cat([counts, (counts == 0).double()])
+        dist.all_reduce(both)
+        total, empty = both.split(len(counts))
         self._counts, self._total = counts, total
-        return bool((least == 0).any())
+        return bool((empty > 0).any())
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
