@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from .generate import add_sampling_args, load_engine, sampling_params
@@ -47,23 +48,27 @@ def run(args) -> int:
             continue
         history.append({"role": "user", "content": line})
         ids = tok.apply_chat_template(system + history, add_generation_prompt=True)
-        sched = eng.scheduler(max_batch=1)
+        reply: list[str] = []
+        started = False
+        # Engine.stream admits the request at the first next(): a conversation that outgrew the context
+        # raises ValueError there, before any token. closing() frees its scheduler and KV cache at once
+        # when Ctrl-C leaves the loop early (the stream has no explicit abort).
         try:
-            rid = sched.add(ids, params)
-        except ValueError as e:  # the conversation outgrew the context
-            history.pop()
-            print(f"error: {e}; /reset to start over", file=sys.stderr)
-            continue
-        reply = []
-        sys.stdout.write("assistant> ")
-        try:
-            while sched.has_work():
-                for ev in sched.step():
+            with contextlib.closing(eng.stream(ids, params)) as events:
+                for ev in events:
+                    if not started:
+                        sys.stdout.write("assistant> ")
+                        started = True
                     reply.append(ev.text_delta)
                     sys.stdout.write(ev.text_delta)
                     sys.stdout.flush()
+        except ValueError as e:
+            if started:
+                raise
+            history.pop()
+            print(f"error: {e}; /reset to start over", file=sys.stderr)
+            continue
         except KeyboardInterrupt:
-            sched.abort(rid)
-            sys.stdout.write(" [stopped]")
+            sys.stdout.write(("" if started else "assistant> ") + " [stopped]")
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})

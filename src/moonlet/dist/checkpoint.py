@@ -148,12 +148,20 @@ def load_optimizer_offline(shards: str | os.PathLike, model: torch.nn.Module, op
     set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
+def consolidated_model(model: CausalLM) -> CausalLM | None:
+    """Collective: an unsharded CPU copy of a sharded model on rank 0 (None on the other ranks)."""
+    sd = full_state_dict(model)
+    if _rank() != 0:
+        return None
+    plain = plain_model(model.config)
+    plain.load_state_dict(sd, strict=True)
+    return plain
+
+
 def export_hf(model: CausalLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Collective: write a consolidated HF-format checkpoint of a sharded model (rank 0 writes)."""
-    sd = full_state_dict(model)
-    if _rank() == 0:
-        plain = plain_model(model.config)
-        plain.load_state_dict(sd, strict=True)
+    plain = consolidated_model(model)
+    if plain is not None:
         save_pretrained(plain, path, dtype=dtype)
     _barrier()
     return Path(path)

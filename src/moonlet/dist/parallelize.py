@@ -20,10 +20,10 @@ import functools
 import torch
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from ..model import CausalLM
 from ..model.moe import Experts, MoE
+from ..train.runtime import checkpoint_blocks
 from .expert_parallel import ExpertParallelExperts
 from .mesh import ParallelMesh, ParallelismError, validate_parallelism
 
@@ -55,8 +55,7 @@ def parallelize(
                     raise ParallelismError("model is already parallelized")
                 block.mlp.experts = ExpertParallelExperts(block.mlp.experts, mesh.ep)
     if activation_checkpointing:
-        for block in blocks:
-            block.forward = functools.partial(_checkpointed, block.forward)
+        checkpoint_blocks(model)
 
     mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=reduce_dtype if mixed_precision else None)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
@@ -80,9 +79,3 @@ def parallelize(
     fully_shard(model, mesh=mesh.dp, mp_policy=mp, reshard_after_forward=False)
     return model
 
-
-def _checkpointed(forward, *args, **kwargs):
-    # early stop off: recomputation always replays the whole block, so every EP rank issues the same
-    # all-to-alls during the backward whatever tensors its own graph happens to need
-    with set_checkpoint_early_stop(False):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)

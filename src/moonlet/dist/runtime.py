@@ -35,7 +35,7 @@ from ..data.loader import IGNORE_INDEX
 from ..train.checkpoint import DISTRIBUTED, has_distributed_state, load_trainer_state, save_checkpoint
 from ..train.optim import Muon
 from ..train.runtime import Runtime, launch_world_size
-from .checkpoint import full_state_dict, load_distributed, plain_model, save_distributed
+from .checkpoint import consolidated_model, load_distributed, save_distributed
 from .mesh import ParallelismError, build_mesh, init_distributed
 from .muon import orthogonalize_sharded, scale_rows_
 from .parallelize import parallelize
@@ -120,14 +120,16 @@ class DistRuntime(Runtime):
     def skip_microbatch(self, batch) -> bool:
         """Count this micro-batch's loss tokens (main head, each MTP depth) on every rank. A rank with
         none at some head would run that head without a gradient and its FSDP reduction would not
-        match its peers', so then every rank skips the micro-batch (rare: fully masked SFT rows)."""
+        match its peers', so then every rank skips the micro-batch (rare: fully masked SFT rows).
+        One all-reduce (sum) of [counts, count == 0]: a head's summed zero flags are > 0 exactly when
+        some rank has no target there (the minimum over ranks is 0); float64 keeps the counts exact."""
         counts = torch.tensor([float((lab != IGNORE_INDEX).sum()) for lab in [batch.labels, *batch.mtp_labels]],
                               dtype=torch.float64, device=self.device)
-        total, least = counts.clone(), counts.clone()
-        dist.all_reduce(total)
-        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        both = torch.cat([counts, (counts == 0).double()])
+        dist.all_reduce(both)
+        total, empty = both.split(len(counts))
         self._counts, self._total = counts, total
-        return bool((least == 0).any())
+        return bool((empty > 0).any())
 
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
@@ -189,26 +191,14 @@ class DistRuntime(Runtime):
         staged = root / f".tmp_step_{step:07d}_{self._pid0}_shards"
         save_distributed(staged, model, [optimizer])  # collective, atomic (rank 0 renames)
         with _quiet("torch.distributed.tensor._redistribute"):  # "2 sequential all_gathers" for EP experts
-            full = full_state_dict(model) if final else None  # collective: gathered to rank 0's CPU
+            full = consolidated_model(model) if final else None  # collective: gathered to rank 0's CPU
         path = None
         if self.is_main:
             state = trainer_state()
             state["distributed"] = {"world_size": self.world_size, "dp_shard": self.mesh.dp_shard_size,
                                     "ep": self.mesh.ep_size}
-            cfg = model.config
-
-            def write_weights(tmp: Path) -> None:
-                if full is not None:
-                    from ..interop.hf import save_pretrained
-
-                    plain = plain_model(cfg)
-                    plain.load_state_dict(full, strict=True)
-                    save_pretrained(plain, tmp)
-                else:
-                    cfg.save(tmp)
-                os.replace(staged, tmp / DISTRIBUTED)
-
-            path = save_checkpoint(run_dir, step, None, state, info, tokenizer, keep_last, write_weights=write_weights)
+            path = save_checkpoint(run_dir, step, full, state, info, tokenizer, keep_last, config=model.config,
+                                   add_files=lambda tmp: os.replace(staged, tmp / DISTRIBUTED))
         self.barrier()
         return path
 

@@ -84,10 +84,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state: dict, train_args: dict,
-                    tokenizer=None, keep_last: int = 3, write_weights=None) -> Path:
+                    tokenizer=None, keep_last: int = 3, config=None, add_files=None) -> Path:
     """Write checkpoint `step` atomically and prune to the newest `keep_last` (0 = keep all).
 
-    write_weights(tmp_dir): writes config + weights instead of save_pretrained(model) (sharded runs)."""
+    Sharded runs: model is the consolidated CausalLM or None (then only `config` is written: the
+    weights are in the shards), and add_files(tmp_dir) moves the shards into the checkpoint."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
@@ -95,10 +96,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, trainer_state:
     tmp = root / f".tmp_step_{step:07d}_{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if write_weights is not None:
-            write_weights(tmp)
-        else:
+        if model is not None:
             save_pretrained(model, tmp)
+        else:
+            config.save(tmp)
+        if add_files is not None:
+            add_files(tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         _atomic_torch_save(trainer_state, tmp / "trainer_state.pt")

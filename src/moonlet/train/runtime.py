@@ -54,8 +54,7 @@ class Runtime:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         if self.activation_checkpointing:
-            for block in [*model.model.layers, *model.mtp]:
-                block.forward = functools.partial(_checkpointed, block.forward)
+            checkpoint_blocks(model)
         return model
 
     def unwrap_model(self, model: nn.Module) -> nn.Module:
@@ -142,8 +141,20 @@ class Runtime:
         pass
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each decoder and MTP block's activations in the backward pass (in place).
+
+    The one activation-checkpointing wrapper: the single-process runtime and dist.parallelize (before
+    fully_shard) both call it."""
+    for block in [*model.model.layers, *model.mtp]:
+        block.forward = functools.partial(_checkpointed, block.forward)
+
+
 def _checkpointed(forward, *args, **kwargs):
     """A block's forward whose activations are recomputed in the backward pass."""
-    from torch.utils.checkpoint import checkpoint
+    from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    # early stop off: recomputation always replays the whole block, so every EP rank issues the same
+    # all-to-alls during the backward whatever tensors its own graph happens to need
+    with set_checkpoint_early_stop(False):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
