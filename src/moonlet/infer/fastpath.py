@@ -378,10 +378,9 @@ class FastForward:
         c_kv = a.kv_norm(kv[:, :C])
         if s.fresh:
             return self._prefill_attention(a, h_ND, s, q, split, c_kv, kv[:, C:], latent_cache, resid_ND)
-        qf = q.to(s.att_dtype)
         q_pe = torch.bmm(q[:, split:].view(N, H, dr).float(), s.rope_NRR).to(s.att_dtype)
         if a.fold_q:
-            qn = qf[:, :split].view(N, H, C)
+            qn = q[:, :split].to(s.att_dtype).view(N, H, C)
         else:
             qn = torch.einsum("nhd,hdc->nhc", q[:, :split].view(N, H, -1), a.w_uk).to(s.att_dtype)
         qa = torch.cat((qn, q_pe), dim=-1).view(s.B, s.T * H, C + dr)
