@@ -49,26 +49,24 @@ def run(args) -> int:
         history.append({"role": "user", "content": line})
         ids = tok.apply_chat_template(system + history, add_generation_prompt=True)
         reply: list[str] = []
-        started = False
         # Engine.stream admits the request at the first next(): a conversation that outgrew the context
         # raises ValueError there, before any token. closing() frees its scheduler and KV cache at once
         # when Ctrl-C leaves the loop early (the stream has no explicit abort).
         try:
             with contextlib.closing(eng.stream(ids, params)) as events:
                 for ev in events:
-                    if not started:
+                    if not reply:
                         sys.stdout.write("assistant> ")
-                        started = True
                     reply.append(ev.text_delta)
                     sys.stdout.write(ev.text_delta)
                     sys.stdout.flush()
         except ValueError as e:
-            if started:
+            if reply:
                 raise
             history.pop()
             print(f"error: {e}; /reset to start over", file=sys.stderr)
             continue
         except KeyboardInterrupt:
-            sys.stdout.write(("" if started else "assistant> ") + " [stopped]")
+            sys.stdout.write(("" if reply else "assistant> ") + " [stopped]")
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(reply)})

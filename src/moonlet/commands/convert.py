@@ -50,25 +50,21 @@ def _resolve(path: str) -> Path:
 
 
 def _convert_quantized(src: Path, args: argparse.Namespace) -> Path:
-    """Load (dequantizing whatever is stored), quantize, save_pretrained (atomic), copy the tokenizer files."""
-    import shutil
-
-    from ..interop.hf import TOKENIZER_FILES, from_pretrained, save_pretrained
+    """Load (dequantizing whatever is stored), quantize, write weights and tokenizer files into a fresh
+    directory that replaces DST at the end (atomic; nothing of an old DST carried over)."""
+    from ..interop.hf import check_destination, copy_tokenizer_files, from_pretrained, save_pretrained
+    from ..interop.store import atomic_dir
     from ..model.quant import quantize_model
 
     dst = Path(args.dst)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"destination {dst} is the source; choose another directory")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not args.overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass --overwrite to replace it)")
+    check_destination(src, dst, args.overwrite)
     model = from_pretrained(src, dtype=args.dtype or "auto", mtp=False if args.no_mtp else None)
     report = quantize_model(model, args.quantize, group_size=args.quant_group_size,
                             experts_only=args.quant_experts_only)
     print(f"quantized {report.summary()}", file=sys.stderr)
-    save_pretrained(model, dst, max_shard_size=args.shard_size, mtp=not args.no_mtp)
-    for f in sorted(src.iterdir()):
-        if f.is_file() and TOKENIZER_FILES.match(f.name):
-            shutil.copy2(f, dst / f.name)
+    with atomic_dir(dst) as tmp:
+        save_pretrained(model, tmp, max_shard_size=args.shard_size, mtp=not args.no_mtp)
+        copy_tokenizer_files(src, tmp)
     return dst
 
 

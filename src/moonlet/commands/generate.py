@@ -45,12 +45,12 @@ def quantize_engine(eng, scheme: str | None, group_size: int = 32, experts_only:
     """Quantize a loaded engine's model in place (and re-derive the fast path's weights); prints the saving."""
     if not scheme:
         return
-    from ..model.quant import QuantWeight, quantize_model
+    from ..model.quant import quantize_model
 
-    if any(isinstance(m, QuantWeight) for m in eng.model.modules()):
-        raise ValueError(f"the checkpoint is already quantized (it is served from its stored int4 / int8 weights); "
-                         f"drop --quantize {scheme}")
-    report = quantize_model(eng.model, scheme, group_size=group_size, experts_only=experts_only)
+    try:
+        report = quantize_model(eng.model, scheme, group_size=group_size, experts_only=experts_only)
+    except ValueError as e:  # e.g. a checkpoint served from its stored int4 / int8 weights
+        raise ValueError(f"{e}; drop --quantize {scheme}") from None
     if eng.fast is not None:
         eng.fast.refresh()
     print(f"[quantized {report.summary()}]", file=sys.stderr)

@@ -55,7 +55,7 @@ def parallelize(
                     raise ParallelismError("model is already parallelized")
                 block.mlp.experts = ExpertParallelExperts(block.mlp.experts, mesh.ep)
     if activation_checkpointing:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, early_stop=False)  # EP ranks must replay the same collectives
 
     mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=reduce_dtype if mixed_precision else None)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)

@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
+class ContextLengthExceeded(ValueError):
+    """Scheduler.add: the prompt leaves no room for a generated token in the context."""
+
+
 @dataclass
 class TokenEvent:
     request_id: Any
@@ -145,7 +149,7 @@ class Scheduler:
         if not prompt_ids:
             raise ValueError("the prompt is empty (at least one token is needed)")
         if len(prompt_ids) >= self.max_seq:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq} "
+            raise ContextLengthExceeded(f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_seq} "
                              f"(the prompt must leave room for at least one generated token)")
         V = self.engine.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < V]

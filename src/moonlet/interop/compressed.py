@@ -433,7 +433,7 @@ def packed_items(e: Entry, w: QuantWeight, dtype: torch.dtype | None
     s_shape = (N, K // w.group_size) if s.num_bits == 4 else (N, 1)
     return [(base + ".weight_packed", (N, math.ceil(K * s.num_bits / 32)), torch.int32,
              lambda: to_packed(w.parts(e.expert)[0], w.scheme)),
-            (base + ".weight_scale", s_shape, s_dtype, lambda: w.parts(e.expert)[1].to(s_dtype).reshape(s_shape)),
+            (base + ".weight_scale", s_shape, s_dtype, lambda: (w.scale if e.expert is None else w.scale[e.expert]).to(s_dtype).reshape(s_shape)),
             (base + ".weight_shape", (2,), torch.int64, lambda: torch.tensor([N, K], dtype=torch.int64))]
 
 

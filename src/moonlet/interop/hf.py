@@ -193,12 +193,10 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
         model = model.to(dtype)  # free on meta: parameters are created in their final dtype
     device = torch.device(device or "cpu")
     kept = compressed.keepable_modules(ckpt, model) if keep_quantized else {}
-    for name in kept:  # a placeholder, so that to_empty allocates nothing for it
-        _set_submodule(model, name, torch.nn.Module())
     if device.type == "meta":
-        for name, (meta_mod, _) in kept.items():
-            _set_submodule(model, name, meta_mod)
         return model.eval()
+    for name in kept:  # a placeholder, so that to_empty allocates nothing for it
+        model.set_submodule(name, torch.nn.Module())
     model = model.to_empty(device=device)
     model.model.rotary.reset_parameters()  # non-persistent buffer: recompute after to_empty
     if ckpt.config.tie_word_embeddings:  # to_empty gives each module its own new Parameter
@@ -212,13 +210,8 @@ def load_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
             dest = dest if e.expert is None else dest[e.expert]
             dest.copy_(ckpt.read(e, dtype=dest.dtype))
         for name, (meta_mod, entries) in kept.items():
-            _set_submodule(model, name, compressed.quant_module(ckpt, meta_mod, entries, device))
+            model.set_submodule(name, compressed.quant_module(ckpt, meta_mod, entries, device))
     return model.eval()
-
-
-def _set_submodule(model: torch.nn.Module, name: str, mod: torch.nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, mod)
 
 
 def from_pretrained(path_or_preset: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -433,10 +426,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         dtype = None
     parse_size(max_shard_size)
     src, dst = Path(src), Path(dst)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"destination {dst} is the source; choose another directory")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    check_destination(src, dst, overwrite)
     ckpt = open_checkpoint(src, mtp=None if mtp else False, strict=strict)
     try:
         entries = hf_entries(ckpt.config)
@@ -448,9 +438,21 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: st
         progress = (lambda i, n: log(f"wrote shard {i}/{n}")) if log else None
         with atomic_dir(dst) as tmp:
             _write_checkpoint(tmp, ckpt.config, entries, stored, ckpt.read, dtype, max_shard_size, progress)
-            for f in sorted(src.iterdir()):
-                if f.is_file() and TOKENIZER_FILES.match(f.name):
-                    shutil.copy2(f, tmp / f.name)
+            copy_tokenizer_files(src, tmp)
     finally:
         ckpt.close()
     return dst
+
+
+def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    """A conversion's output directory: never the source; replaced only with overwrite."""
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"destination {dst} is the source; choose another directory")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for f in sorted(src.iterdir()):
+        if f.is_file() and TOKENIZER_FILES.match(f.name):
+            shutil.copy2(f, dst / f.name)

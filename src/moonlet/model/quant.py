@@ -454,9 +454,7 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int = 32, skip=DEF
     before = storage_bytes(model)
     targets, kept = quant_targets(model, scheme, group_size, skip, experts_only)
     for name, mod in targets.items():
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         new = QuantLinear(mod, scheme, group_size) if isinstance(mod, nn.Linear) else QuantExperts(mod, scheme, group_size)
-        setattr(parent, attr, new)
+        model.set_submodule(name, new)
     return QuantReport(scheme, group_size if scheme == "int4" else None, before, storage_bytes(model),
                        list(targets), kept)

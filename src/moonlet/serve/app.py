@@ -577,7 +577,7 @@ def _chat_events(s: ServerState, req: ChatCompletionRequest, jobs: list[Any], q:
             out.append({"index": index, "delta": {"content": ev.text_delta or ""}, "logprobs": lp,
                         "finish_reason": None})
         if ev.finished:
-            out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason or "stop"})
+            out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev.finish_reason)})
         return out
 
     opening = tuple({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -678,7 +678,7 @@ def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[Any], 
             return []
         return [{"index": index, "text": ev.text_delta or "",
                  "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=new_lp), offset) if lp else None,
-                 "finish_reason": (ev.finish_reason or "stop") if ev.finished else None}]
+                 "finish_reason": _finish_reason(ev.finish_reason) if ev.finished else None}]
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": s.model_name}
     return _event_stream(jobs, q, head, n_prompt, include_usage, chunks)

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..infer.scheduler import ContextLengthExceeded
+
 if TYPE_CHECKING:
     from moonlet.infer.engine import Engine
 
@@ -256,9 +258,11 @@ class EngineLoop:
                     self.metrics.prompt_tokens += len(j.prompt_ids)
             else:
                 self._finish(j)
-        except ValueError as e:  # the scheduler's refusal; the one case OpenAI names is a too-long prompt
-            code = "context_length_exceeded" if len(j.prompt_ids) >= self.sched.max_seq else "invalid_value"
-            j.add_error = Refused(str(e), code)
+        except ContextLengthExceeded as e:  # the one refusal OpenAI names
+            j.add_error = Refused(str(e), "context_length_exceeded")
+            self._finish(j)
+        except ValueError as e:  # any other refusal of the scheduler
+            j.add_error = Refused(str(e), "invalid_value")
             self._finish(j)
         except Exception as e:  # noqa: BLE001 - an engine bug must not take the loop down
             j.add_error = e

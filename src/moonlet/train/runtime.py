@@ -141,20 +141,19 @@ class Runtime:
         pass
 
 
-def checkpoint_blocks(model: nn.Module) -> None:
+def checkpoint_blocks(model: nn.Module, early_stop: bool = True) -> None:
     """Recompute each decoder and MTP block's activations in the backward pass (in place).
 
     The one activation-checkpointing wrapper: the single-process runtime and dist.parallelize (before
-    fully_shard) both call it."""
+    fully_shard) both call it. early_stop=False makes recomputation replay the whole block, so every
+    expert-parallel rank issues the same all-to-alls whatever tensors its own graph happens to need."""
     for block in [*model.model.layers, *model.mtp]:
-        block.forward = functools.partial(_checkpointed, block.forward)
+        block.forward = functools.partial(_checkpointed, block.forward, early_stop)
 
 
-def _checkpointed(forward, *args, **kwargs):
+def _checkpointed(forward, early_stop: bool, *args, **kwargs):
     """A block's forward whose activations are recomputed in the backward pass."""
     from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-    # early stop off: recomputation always replays the whole block, so every EP rank issues the same
-    # all-to-alls during the backward whatever tensors its own graph happens to need
-    with set_checkpoint_early_stop(False):
+    with set_checkpoint_early_stop(early_stop):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
