@@ -178,6 +178,11 @@ class MLA(nn.Module):
         return s.amax(dim=(0, 2, 3))
 
 
+# CPUs with bf16 matmul instructions (avx512_bf16, AMX) run bf16 GEMMs faster than fp32; without
+# them torch's bf16 GEMMs are several times slower than fp32 (docs/LOG.md, 2026-12-02)
+CPU_NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported()
+
+
 def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe: torch.Tensor, scale: float,
                              block: int | None = None) -> torch.Tensor:
     """Exact causal softmax self-attention over T tokens -> [B, T, H, e], for CPU.
@@ -193,9 +198,11 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     measured best for the `small` preset at T = 256, docs/LOG.md). On CPU, bf16/fp16 compute in fp32.
     """
     dev = q_BTHd.device.type
-    if dev == "cpu" and (torch.is_autocast_enabled("cpu") or q_BTHd.dtype in (torch.bfloat16, torch.float16)):
-        # CPU bmm in bf16 is 5-8x slower than in fp32 at these shapes (small, T = 256, fwd + bwd: 2.7 s
-        # vs 0.5 s; docs/LOG.md): attention runs in fp32, its output in the input's dtype
+    if dev == "cpu" and not CPU_NATIVE_BF16 and (
+            torch.is_autocast_enabled("cpu") or q_BTHd.dtype in (torch.bfloat16, torch.float16)):
+        # without native bf16 matmuls, CPU bmm in bf16 is 5-8x slower than in fp32 at these shapes
+        # (small, T = 256, fwd + bwd: 2.7 s vs 0.5 s; docs/LOG.md): attention runs in fp32, its output
+        # in the input's dtype
         with torch.autocast("cpu", enabled=False):
             out_dtype = q_BTHd.dtype
             o = causal_attention_blocked(q_BTHd.float(), k_BTGd.float(), v_BTGe.float(), scale, block)

@@ -113,11 +113,17 @@ class Experts(nn.Module):
             # one grouped GEMM per projection over the expert-sorted rows (no per-expert Python loop,
             # no host sync); grouped_mm is not autocast-aware, so cast to the compute dtype here
             # (before the gather: N rows to cast instead of N * K)
-            offs = counts.cumsum(0, dtype=torch.int32)
             xs = x_ND.to(dtype).index_select(0, token)  # (index_select: its backward is 2-4x cheaper than x[idx]'s)
+            rows = pad = None
+            if _jit_per_shape(x_ND.device, dtype):
+                rows, pad, counts = _padded_rows(counts, N * K, GROUP_ROWS)
+                xs = xs.new_zeros(pad, xs.shape[1]).index_copy(0, rows, xs)
+            offs = counts.cumsum(0, dtype=torch.int32)
             gate = F.grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
             up = F.grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
             y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
+            if rows is not None:
+                y_sorted = y_sorted.index_select(0, rows)
         else:
             # unbind once: indexing the stacked weight per expert would make autograd build a full
             # [E, ...] zero gradient for every expert (E^2 work)
@@ -140,6 +146,28 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+# oneDNN (torch's CPU bf16/fp16 GEMMs) JIT-compiles a kernel per new row count, ~1.4 ms each against
+# ~0.1 ms for the GEMM, and a training step's expert groups change sizes every step: rounding each
+# group up to a multiple of GROUP_ROWS (zero rows, exact) keeps the set of shapes small and cached
+# (small bf16 training step: LOG 2026-12-02 "oneDNN JIT per expert group size")
+GROUP_ROWS = 32
+
+
+def _jit_per_shape(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+
+
+def _padded_rows(counts_E: torch.Tensor, n_rows: int, multiple: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Where each of the n_rows expert-sorted rows goes when every group is padded to a multiple of
+    `multiple` rows -> (row positions, padded row count, padded group sizes)."""
+    padded_E = (counts_E + multiple - 1) // multiple * multiple
+    shift_E = padded_E.cumsum(0) - counts_E.cumsum(0)  # zero rows inserted before the end of each group
+    expert_R = torch.repeat_interleave(torch.arange(len(counts_E), device=counts_E.device), counts_E,
+                                       output_size=n_rows)
+    rows = torch.arange(n_rows, device=counts_E.device) + (shift_E - (padded_E - counts_E)).index_select(0, expert_R)
+    return rows, int(padded_E.sum()), padded_E
 
 
 def _grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
