@@ -95,6 +95,10 @@ def test_linear_paths_agree(scheme):
         # bf16 activations: relative rounding 2^-9 per element -> ~1e-3 on a 64-term dot product
         assert y.dtype == torch.float32 and y.shape == (rows, 48)
         assert (y - ref).norm() / ref.norm() < 1e-2
+    # bf16 activations that are a strided view (a bf16 model's normed rows are one): no copy by .to()
+    x = torch.randn(5, 128, generator=g).to(torch.bfloat16)[:, ::2]
+    ref = F.linear(x.float(), qw.dequantize(torch.float32)[1])
+    assert (linear(x, qw, 1).float() - ref).norm() / ref.norm() < 1e-2
     plain = torch.randn(2, 48, 64)
     x = torch.randn(3, 64)
     assert torch.equal(linear(x, plain, 0), F.linear(x, plain[0]))

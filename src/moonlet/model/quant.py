@@ -242,7 +242,7 @@ class QuantWeight(nn.Module):
         rows = x.numel() // K
         N = q.shape[0]
         if x.device.type == "cpu" and 0 < rows <= self.kernel_max_rows:
-            xb = x.reshape(rows, K).to(torch.bfloat16)
+            xb = x.reshape(rows, K).to(torch.bfloat16).contiguous()  # the int4 kernel refuses strided rows
             if self.scheme == "int8":
                 return torch._weight_int8pack_mm(xb, q, s).to(x.dtype).view(*x.shape[:-1], N)
             if self.layout == "int4pack":
