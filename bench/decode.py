@@ -12,8 +12,8 @@ Decode time = time(prompt + n new tokens) - time(prompt + 1 new token), so prefi
 sides; at 2k context, the time from the first to the last streamed token (moonlet's stream, a
 transformers streamer), since there the 2k prefill's own noise would swamp the difference. transformers runs `generate(do_sample=False)` with its fastest experts implementation on this
 machine (each one is timed first; the choice is printed), in the same dtype as moonlet; bf16 rows are
-also divided by transformers' fp32 numbers (the issue's reference), as are `--dtypes int8` rows (moonlet
-with INT8 weight-only weights quantized from the same model). Also: KV-cache bytes per token (both, measured
+also divided by transformers' fp32 numbers (the issue's reference), as are `--dtypes int8` / `int8-bf16`
+rows (moonlet with INT8 weight-only weights quantized from the same model; fp32 / bf16 activations). Also: KV-cache bytes per token (both, measured
 from the caches' tensors), peak RSS, memory bandwidth (a big tensor copy), and a roofline line: decode
 tok/s at batch 1 / (bandwidth / weight bytes one token reads). `--spec-checkpoint DIR` adds MTP
 speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed).
@@ -197,9 +197,10 @@ def bench_preset(name: str, args) -> dict:
     n_new, ctx_new = (32, 16) if args.quick else (128, 32)
     rounds = 2 if args.quick else args.rounds
     for dtype_name in args.dtypes:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}[dtype_name]
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32,
+                 "int8-bf16": torch.bfloat16}[dtype_name]
         m = model if dtype_name == "fp32" else CausalLM(cfg).init_weights(seed=0).to(dtype).eval()
-        if dtype_name == "int8":  # the same weights, INT8 weight-only (moonlet.model.quant); vs transformers fp32
+        if dtype_name.startswith("int8"):  # the same weights, INT8 weight-only (moonlet.model.quant)
             quantize_model(m, "int8")
         eng = Engine(m, max_batch=8, max_seq=2048 + ctx_new + 8)
         # transformers in the same dtype (bf16: its fastest fp32 experts implementation, loaded in bf16)
@@ -271,8 +272,9 @@ def bench_spec(path: str, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", nargs="*", default=["tiny", "small"])
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "int8"],
-                    help="int8: fp32 activations, INT8 weight-only (compared with transformers fp32)")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "int8", "int8-bf16"],
+                    help="int8 / int8-bf16: INT8 weight-only with fp32 / bf16 activations (compared with "
+                         "transformers fp32 / bf16 and fp32)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="32 new tokens (16 at 2k), 2 rounds")

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import CausalLM, LayerCache
-from ..model.attention import MLA, causal_attention_blocked
+from ..model.attention import CPU_NATIVE_BF16, MLA, causal_attention_blocked
+from ..model import moe as moe_mod
 from ..model.moe import MLP, MoE, Router
 from ..model.quant import QuantWeight, cat_rows, linear
 from ..model.rope import apply_rope
@@ -44,10 +45,10 @@ def supports(cfg: ModelConfig) -> bool:
     return not cfg.is_dsa and cfg.hc_mult is None and cfg.engram_layers is None
 
 
-# CPUs without native bf16 matmuls (AVX2 only, like this project's CI machine) run bf16 GEMMs ~6x
+# CPUs without native bf16 matmuls (AVX2 only, like one of the VMs this project ran on) run bf16 GEMMs ~6x
 # slower than fp32 from ~64 rows (512 x 512 x 1536: 55 vs 8.7 ms); below that bf16's halved weight
 # bytes win (1 row: 2.4x faster). So bf16 products with >= 64 rows run in fp32 there (LOG 2026-12-02).
-UPCAST_ROWS = 0 if torch.cpu._is_avx512_bf16_supported() else 64
+UPCAST_ROWS = 0 if CPU_NATIVE_BF16 else 64
 
 
 def _upcast(x: torch.Tensor) -> bool:
@@ -56,15 +57,15 @@ def _upcast(x: torch.Tensor) -> bool:
             and x.device.type == "cpu")
 
 
-# fp32 on CPU with 2..32 activation rows, MKL computes W @ x^T 1.2-3x faster than x @ W^T here
-# (small's lm_head at 8 rows: 6.4 -> 2.9 ms, 384 x 512 at 2 rows: 193 -> 95 us); equal near 96 rows,
-# slower above; one row is a matrix-vector product either way (LOG 2026-12-02)
-SKINNY_ROWS = (2, 32)
+# A few activation rows on CPU: W @ x^T beats x @ W^T in fp32 for 2..32 rows (MKL, AVX2 VM: small's
+# lm_head at 8 rows 6.4 -> 2.9 ms, 384 x 512 at 2 rows 193 -> 95 us; equal near 96 rows, slower above)
+# and in bf16 for 2..64 rows where the CPU has bf16 matmuls (oneDNN, AMX VM: 8 rows of 1536 x 512
+# 131 -> 89 us, lm_head 598 -> 395 us); one row is a matrix-vector product either way (LOG 2026-12-02)
+SKINNY_ROWS = {torch.float32: 32, torch.bfloat16: 64 if CPU_NATIVE_BF16 else 0}
 
 
 def _skinny(x_NK: torch.Tensor) -> bool:
-    return SKINNY_ROWS[0] <= x_NK.shape[0] <= SKINNY_ROWS[1] and x_NK.dtype == torch.float32 \
-        and x_NK.device.type == "cpu"
+    return 2 <= x_NK.shape[0] <= SKINNY_ROWS.get(x_NK.dtype, 0) and x_NK.device.type == "cpu"
 
 
 def _linear(x: torch.Tensor, w, e: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,9 +140,13 @@ class _Attn:
         self.kv_a = _Proj.of(attn.kv_a_proj_with_mqa)
         self.kv_norm = _Norm(attn.kv_a_layernorm)
         self.qkv_a = None  # q_a_proj and kv_a_proj_with_mqa read the same input: one matmul
-        if self.q_a is not None and self.q_a.wt is not None and self.kv_a.wt is not None \
-                and attn.q_a_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
-            self.qkv_a = _Proj(torch.cat((attn.q_a_proj.weight, attn.kv_a_proj_with_mqa.weight)).contiguous())
+        if self.q_a is not None and attn.q_a_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
+            q_a, kv_a = attn.q_a_proj, attn.kv_a_proj_with_mqa
+            if self.q_a.wt is not None and self.kv_a.wt is not None:
+                self.qkv_a = _Proj(torch.cat((q_a.weight, kv_a.weight)).contiguous())
+            elif isinstance(q_a, QuantWeight) and isinstance(kv_a, QuantWeight) \
+                    and (q_a.scheme, q_a.group_size) == (kv_a.scheme, kv_a.group_size):
+                self.qkv_a = _Proj(cat_rows(q_a, kv_a))
         quant_o = isinstance(attn.o_proj, QuantWeight)
         o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
@@ -292,6 +297,10 @@ class FastForward:
     # up to this many (token, expert) pairs the per-expert loop beats CPU grouped_mm, which visits
     # every expert (small MoE layer: 2.0 vs 13 ms at 1 token, 64 vs 166 at 32, equal at 512; LOG)
     loop_max_pairs = 1024
+    # where GEMMs JIT a kernel per row count (bf16 on CPU, oneDNN), a loop's ever-new expert group sizes
+    # each compile one (~1.4 ms): beyond decode sizes, the grouped GEMM with its rows padded to a few
+    # sizes (512-token bf16 prefill with new routing per call, 1 thread: 267 -> 241 ms median)
+    jit_loop_max_pairs = 64
     # up to this many tokens, each runs its own k experts (routing in Python, ~12 ops per token)
     # instead of the sorted dispatch (~45 ops + 6 per expert hit); the same weight bytes unless two
     # tokens share an expert
@@ -339,7 +348,9 @@ class FastForward:
             return rows[0] if N == 1 else torch.cat(rows)
         r = moe.gate(x_ND)
         K = r.indices_NK.shape[1]
-        if N * K > self.loop_max_pairs and not _upcast(x_ND):
+        grouped = N * K > (self.jit_loop_max_pairs if moe_mod.jit_per_shape(x_ND.device, x_ND.dtype)
+                           else self.loop_max_pairs)
+        if grouped and not _upcast(x_ND):
             y = moe.experts(x_ND, r.indices_NK, r.weights_NK)
         else:
             flat = r.indices_NK.reshape(-1)

@@ -115,7 +115,7 @@ class Experts(nn.Module):
             # (before the gather: N rows to cast instead of N * K)
             xs = x_ND.to(dtype).index_select(0, token)  # (index_select: its backward is 2-4x cheaper than x[idx]'s)
             rows = pad = None
-            if _jit_per_shape(x_ND.device, dtype):
+            if jit_per_shape(x_ND.device, dtype):
                 rows, pad, counts = _padded_rows(counts, N * K, GROUP_ROWS)
                 xs = xs.new_zeros(pad, xs.shape[1]).index_copy(0, rows, xs)
             offs = counts.cumsum(0, dtype=torch.int32)
@@ -155,7 +155,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 GROUP_ROWS = 32
 
 
-def _jit_per_shape(device: torch.device, dtype: torch.dtype) -> bool:
+def jit_per_shape(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
