@@ -9,7 +9,7 @@ What it changes against `CausalLM.forward` (all exact up to float rounding; test
   (addmm), q_a and kv_a as one matmul, RMSNorm as one fused kernel for a few rows: a CPU decode step
   is ~100 matrix-vector products plus hundreds of small ops of a few us each (1,201 ops per `small`
   step before, ~560 after; LOG 2026-12-02);
-- fp32 products of 2..32 rows as W @ x^T, which MKL runs 1.2-3x faster here;
+- products of a few rows as W @ x^T where this CPU runs that form faster (SKINNY_ROWS);
 - decode: RoPE as one small bmm with per-token rotation matrices built once per forward (the model's
   own apply_rope applied to the identity), attention as one baddbmm -> softmax -> bmm over the latent
   cache in fp32 on CPU whatever the cache dtype, no mask when every row attends its whole prefix;
@@ -57,11 +57,13 @@ def _upcast(x: torch.Tensor) -> bool:
             and x.device.type == "cpu")
 
 
-# A few activation rows on CPU: W @ x^T beats x @ W^T in fp32 for 2..32 rows (MKL, AVX2 VM: small's
-# lm_head at 8 rows 6.4 -> 2.9 ms, 384 x 512 at 2 rows 193 -> 95 us; equal near 96 rows, slower above)
-# and in bf16 for 2..64 rows where the CPU has bf16 matmuls (oneDNN, AMX VM: 8 rows of 1536 x 512
-# 131 -> 89 us, lm_head 598 -> 395 us); one row is a matrix-vector product either way (LOG 2026-12-02)
-SKINNY_ROWS = {torch.float32: 32, torch.bfloat16: 64 if CPU_NATIVE_BF16 else 0}
+# A few activation rows on CPU: which of W @ x^T and x @ W^T is faster depends on the BLAS path, which
+# here follows the ISA (measured on two VMs, LOG 2026-12-02). AVX2-only: fp32 W @ x^T for 2..32 rows
+# (MKL: small's lm_head at 8 rows 6.4 -> 2.9 ms, 384 x 512 at 2 rows 193 -> 95 us; equal near 96 rows,
+# slower above). With bf16 matmul instructions (AMX VM): bf16 W @ x^T for 2..64 rows (oneDNN: 8 rows of
+# 1536 x 512 131 -> 89 us, lm_head 598 -> 395 us) while fp32 W @ x^T is the slower form (small, batch 8
+# step 27.3 vs 19.7 ms, 1 thread). One row is a matrix-vector product either way.
+SKINNY_ROWS = {torch.float32: 0, torch.bfloat16: 64} if CPU_NATIVE_BF16 else {torch.float32: 32, torch.bfloat16: 0}
 
 
 def _skinny(x_NK: torch.Tensor) -> bool:
