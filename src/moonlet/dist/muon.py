@@ -25,6 +25,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from ..train.optim import scale_rows_plain
+
 
 def holds_whole_matrices(t: torch.Tensor) -> bool:
     """True when each rank's local block of `t` [..., A, B] is made of whole [A, B] matrices."""
@@ -61,8 +63,7 @@ def orthogonalize_sharded(update: torch.Tensor, orthogonalize: Callable[[torch.T
 def scale_rows_(param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
     """param[r, ...] *= row_scale_R[r] for the global rows of a (possibly row-sharded) parameter."""
     if not isinstance(param, DTensor):
-        param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
-        return
+        return scale_rows_plain(param, row_scale_R)
     local = param.to_local()
     if all(isinstance(p, Replicate) or (type(p) is Shard and p.dim == 0) for p in param.placements):
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)

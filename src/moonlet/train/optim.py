@@ -211,13 +211,14 @@ def build_optimizer(model: nn.Module, name: str = "muonclip", lr: float = 2e-3, 
 
 
 # ---- QK-clip --------------------------------------------------------------------------------------------
-def _scale_rows_plain(param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
+def scale_rows_plain(param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
+    """param[r, ...] *= row_scale_R[r] (QK-clip's per-head row scaling of a plain tensor)."""
     param.mul_(row_scale_R.to(param.dtype).view(-1, *([1] * (param.ndim - 1))))
 
 
 @torch.no_grad()
 def qk_clip_(attn: nn.Module, max_logit_H: torch.Tensor, tau: float,
-             scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = _scale_rows_plain) -> torch.Tensor:
+             scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = scale_rows_plain) -> torch.Tensor:
     """Rescale one MLA layer's query/key weights so head h's logits shrink by gamma_h = min(1, tau/S_h).
 
     attn: a moonlet MLA (q_b_proj or q_proj rows per head [nope | rope], kv_b_proj rows per head
@@ -250,7 +251,7 @@ class QKClip:
     """MuonClip's second half: after each optimizer step, clip the heads whose max logit exceeded tau."""
 
     def __init__(self, model: nn.Module, tau: float = 100.0,
-                 scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = _scale_rows_plain):
+                 scale_rows_: Callable[[torch.Tensor, torch.Tensor], None] = scale_rows_plain):
         if not tau > 0:
             raise ValueError(f"qk-clip tau must be positive, got {tau}")
         self.attn = attention_modules(model)

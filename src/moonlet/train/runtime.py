@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .optim import _scale_rows_plain
+from .optim import scale_rows_plain
 
 
 def launch_world_size() -> int:
@@ -88,7 +88,7 @@ class Runtime:
 
     @torch.no_grad()
     def scale_rows_(self, param: torch.Tensor, row_scale_R: torch.Tensor) -> None:
-        _scale_rows_plain(param, row_scale_R)
+        scale_rows_plain(param, row_scale_R)
 
     def skip_microbatch(self, batch) -> bool:
         """A micro-batch with no loss tokens is skipped (on every rank alike when sharded)."""
