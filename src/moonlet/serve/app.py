@@ -26,7 +26,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
@@ -450,26 +450,44 @@ def _usage(prompt_tokens: int, choices: list[_Choice]) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
 
 
-async def _collect(request: Request, s: ServerState, jobs: list[Any], q: asyncio.Queue) -> list[_Choice]:
-    """Wait for every job to finish; abort them if the client disconnects meanwhile."""
-    choices = [_Choice() for _ in jobs]
+async def _drain(jobs: list[Any], q: asyncio.Queue, choices: list[_Choice],
+                 idle: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[tuple[int, Any, int, int]]:
+    """The jobs' events as they arrive, each applied to its choice, until every job finished ->
+    (index, event, logprobs the choice had before it, jobs left); an engine failure or an abort raises
+    its APIError. `idle` is awaited after each 0.5 s without events (the non-streaming routes' check
+    for a closed connection)."""
     left = len(jobs)
-    try:
-        while left:
+    while left:
+        if idle is None:
+            index, ev = await q.get()
+        else:
             try:
                 index, ev = await asyncio.wait_for(q.get(), timeout=0.5)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    s.loop.abort(jobs)
-                    raise APIError(499, "client closed the request") from None
+                await idle()
                 continue
-            if isinstance(ev, EngineFailure):
-                raise _failure(ev)
-            _apply(choices[index], ev)
-            if ev.finished:
-                left -= 1
-                if ev.finish_reason == "abort":
-                    raise _aborted()
+        if isinstance(ev, EngineFailure):
+            raise _failure(ev)
+        n_lp = len(choices[index].logprobs)
+        _apply(choices[index], ev)
+        if ev.finished:
+            left -= 1
+            if ev.finish_reason == "abort":
+                raise _aborted()
+        yield index, ev, n_lp, left
+
+
+async def _collect(request: Request, s: ServerState, jobs: list[Any], q: asyncio.Queue) -> list[_Choice]:
+    """Wait for every job to finish; abort them if the client disconnects meanwhile."""
+    choices = [_Choice() for _ in jobs]
+
+    async def idle() -> None:
+        if await request.is_disconnected():
+            raise APIError(499, "client closed the request")
+
+    try:
+        async for _ in _drain(jobs, q, choices, idle):
+            pass
     except BaseException:
         s.loop.abort(jobs)
         raise
@@ -511,25 +529,15 @@ async def _event_stream(jobs: list[Any], q: asyncio.Queue, head: dict, n_prompt:
     for entry in opening:
         yield _sse({**head, "choices": [entry]})
     choices = [_Choice() for _ in jobs]
-    left = len(jobs)
-    while left:
-        index, ev = await q.get()
-        if isinstance(ev, EngineFailure):
-            yield _sse(_failure(ev).body())
-            break
-        c = choices[index]
-        n_lp = len(c.logprobs)
-        _apply(c, ev)
-        if ev.finished:
-            left -= 1
-            if ev.finish_reason == "abort":
-                yield _sse(_aborted().body())
-                break
-        out = [{**head, "choices": [entry]} for entry in chunks(index, ev, c.logprobs[n_lp:])]
-        if out and ev.finished and not left and not include_usage:  # usage in every response: on the last chunk
-            out[-1]["usage"] = _usage(n_prompt, choices)
-        for chunk in out:
-            yield _sse(chunk)
+    try:
+        async for index, ev, n_lp, left in _drain(jobs, q, choices):
+            out = [{**head, "choices": [entry]} for entry in chunks(index, ev, choices[index].logprobs[n_lp:])]
+            if out and ev.finished and not left and not include_usage:  # usage in every response: on the last chunk
+                out[-1]["usage"] = _usage(n_prompt, choices)
+            for chunk in out:
+                yield _sse(chunk)
+    except APIError as e:  # engine failure or abort: in-band, the stream has started
+        yield _sse(e.body())
     else:
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(n_prompt, choices)})
