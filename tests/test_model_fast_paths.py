@@ -123,3 +123,33 @@ def test_padded_grouped_experts_equal_unpadded(monkeypatch):
     torch.testing.assert_close(y_p, y_u, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_p, g_u):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"rope_interleave": False}])
+def test_folded_absorbed_attention_equals_per_head_form(changes):
+    """Training's cache-free absorbed attention (W_UK, W_UV and the softmax scale folded into the
+    projections around it) equals the per-head absorbed form: output, max logits, gradients (float64)."""
+    from moonlet.model.attention import AttnContext
+
+    cfg = preset("tiny").replace(**changes)
+    attn = CausalLM(cfg).init_weights(seed=0, std=0.05).double().model.layers[0].self_attn
+    B, T = 2, 37
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(T).expand(B, T)
+    from moonlet.model.rope import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(cfg).double()(pos, torch.float64)
+    ctx = AttnContext(cos, sin, pos, absorbed=True, record_max_logit=True)
+    params = [x, *attn.parameters()]
+
+    out, max_logit = attn(x, ctx)  # the folded path
+    go = torch.randn_like(out)
+    g = torch.autograd.grad(out, params, go)
+    q_nope, q_pe = attn.query(x, ctx)
+    latent = attn.latent(x, ctx)
+    ref = attn.o_proj(attn._absorbed(q_nope, q_pe, latent, None).reshape(B, T, -1))
+    g_ref = torch.autograd.grad(ref, params, go)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(max_logit, attn._max_logit(q_nope, q_pe, latent, None), rtol=0, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
