@@ -153,3 +153,19 @@ def test_folded_absorbed_attention_equals_per_head_form(changes):
     torch.testing.assert_close(max_logit, attn._max_logit(q_nope, q_pe, latent, None), rtol=0, atol=1e-12)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_cross_entropy_scaled_and_single_backward():
+    """The gradient made in forward is scaled by the incoming one (loss weights, e.g. MTP's lambda);
+    a second backward through the same loss is refused rather than silently wrong."""
+    from moonlet.model.loss import cross_entropy
+
+    logits = torch.randn(40, 50, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (40,))
+    (g_ref,) = torch.autograd.grad(0.3 * F.cross_entropy(logits, target), logits)
+    (g,) = torch.autograd.grad(0.3 * cross_entropy(logits, target), logits)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-14)
+    loss = cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
