@@ -169,3 +169,23 @@ def test_fused_cross_entropy_scaled_and_single_backward():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="twice"):
         loss.backward()
+
+
+def test_rmsnorm_fused_backward_equals_composite():
+    """RMSNorm's hand-written autograd node (fp32/fp64 input) equals F.rms_norm's composite, and
+    passes gradcheck (float64)."""
+    from moonlet.model.norm import RMSNorm
+
+    norm = RMSNorm(24, eps=1e-6).double()
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(3, 5, 24, dtype=torch.float64)
+    out = norm(x)
+    ref = norm.weight * F.rms_norm(x, (24,), eps=1e-6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(out, (x, norm.weight), go), torch.autograd.grad(ref, (x, norm.weight), go)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    from moonlet.model.norm import _RMSNormScale
+
+    w = norm.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, v: _RMSNormScale.apply(t, v, 1e-6), (x[:1, :2], w))
