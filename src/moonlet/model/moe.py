@@ -115,8 +115,9 @@ class Experts(nn.Module):
             # no host sync); grouped_mm is not autocast-aware, so cast to the compute dtype here
             # (before the gather: N rows to cast instead of N * K)
             if _jit_per_shape(x_ND.device, dtype):
-                # padding rows gather token 0 with gate weight 0: their outputs are exact zeros and
-                # their gradients vanish, and x needs no separate padded copy (LOG 2026-12-02, trainspeed)
+                # padding rows gather token 0 with gate weight 0: their outputs are exact zeros (for
+                # finite activations) and their gradients vanish, and x needs no zero-padded copy
+                # (LOG 2026-12-02, trainspeed)
                 rows, pad, counts = _padded_rows(counts, N * K, GROUP_ROWS)
                 token = token.new_zeros(pad).index_copy_(0, rows, token)
                 w_sorted = w_sorted.new_zeros(pad).index_copy_(0, rows, w_sorted)
