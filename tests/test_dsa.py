@@ -89,7 +89,8 @@ def test_moonlet_dsa_checkpoint_loads_in_transformers(tmp_path):
 
 
 def test_topk_covering_the_sequence_is_dense_mla_exactly():
-    """index_topk >= T: the DSA model equals the V3 model with the same (non-indexer) weights, bit for bit."""
+    """index_topk >= T: the DSA model equals the V3 model with the same (non-indexer) weights, bit for bit
+    (cache-free absorbed form: to rounding, since V3 folds W_UK/W_UV into its projections there)."""
     cfg = _dsa_tiny(index_topk=64)
     m = CausalLM(cfg).init_weights(seed=2, std=0.05).eval()
     base_cfg = cfg.replace(model_type="deepseek_v3", index_n_heads=None, index_head_dim=None, index_topk=None)
@@ -98,8 +99,8 @@ def test_topk_covering_the_sequence_is_dense_mla_exactly():
     base.load_state_dict(sd)
     ids = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
-        for absorbed in (False, True):
-            assert torch.equal(m(ids, absorbed=absorbed).logits, base(ids, absorbed=absorbed).logits)
+        assert torch.equal(m(ids, absorbed=False).logits, base(ids, absorbed=False).logits)
+        torch.testing.assert_close(m(ids, absorbed=True).logits, base(ids, absorbed=True).logits, rtol=0, atol=1e-5)
         cache_a, cache_b = allocate_cache(cfg, 2, 64), allocate_cache(base_cfg, 2, 64)
         pos = torch.arange(48).expand(2, 48)
         assert torch.equal(m(ids, positions=pos, cache=cache_a).logits, base(ids, positions=pos, cache=cache_b).logits)

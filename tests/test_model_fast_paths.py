@@ -123,3 +123,69 @@ def test_padded_grouped_experts_equal_unpadded(monkeypatch):
     torch.testing.assert_close(y_p, y_u, rtol=1e-6, atol=1e-6)
     for a, b in zip(g_p, g_u):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes", [{}, {"q_lora_rank": None}, {"rope_interleave": False}])
+def test_folded_absorbed_attention_equals_per_head_form(changes):
+    """Training's cache-free absorbed attention (W_UK, W_UV and the softmax scale folded into the
+    projections around it) equals the per-head absorbed form: output, max logits, gradients (float64)."""
+    from moonlet.model.attention import AttnContext
+
+    cfg = preset("tiny").replace(**changes)
+    attn = CausalLM(cfg).init_weights(seed=0, std=0.05).double().model.layers[0].self_attn
+    B, T = 2, 37
+    x = torch.randn(B, T, cfg.hidden_size, dtype=torch.float64, requires_grad=True)
+    pos = torch.arange(T).expand(B, T)
+    from moonlet.model.rope import RotaryEmbedding
+
+    cos, sin = RotaryEmbedding(cfg).double()(pos, torch.float64)
+    ctx = AttnContext(cos, sin, pos, absorbed=True, record_max_logit=True)
+    params = [x, *attn.parameters()]
+
+    out, max_logit = attn(x, ctx)  # the folded path
+    go = torch.randn_like(out)
+    g = torch.autograd.grad(out, params, go)
+    q_nope, q_pe = attn.query(x, ctx)
+    latent = attn.latent(x, ctx)
+    ref = attn.o_proj(attn._absorbed(q_nope, q_pe, latent, None).reshape(B, T, -1))
+    g_ref = torch.autograd.grad(ref, params, go)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(max_logit, attn._max_logit(q_nope, q_pe, latent, None), rtol=0, atol=1e-12)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_cross_entropy_scaled_and_single_backward():
+    """The gradient made in forward is scaled by the incoming one (loss weights, e.g. MTP's lambda);
+    a second backward through the same loss is refused rather than silently wrong."""
+    from moonlet.model.loss import cross_entropy
+
+    logits = torch.randn(40, 50, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 50, (40,))
+    (g_ref,) = torch.autograd.grad(0.3 * F.cross_entropy(logits, target), logits)
+    (g,) = torch.autograd.grad(0.3 * cross_entropy(logits, target), logits)
+    torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-14)
+    loss = cross_entropy(logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_rmsnorm_fused_backward_equals_composite():
+    """RMSNorm's hand-written autograd node (fp32/fp64 input) equals F.rms_norm's composite, and
+    passes gradcheck (float64)."""
+    from moonlet.model.norm import RMSNorm
+
+    norm = RMSNorm(24, eps=1e-6).double()
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(3, 5, 24, dtype=torch.float64)
+    out = norm(x)
+    ref = norm.weight * F.rms_norm(x, (24,), eps=1e-6)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-14)
+    for a, b in zip(torch.autograd.grad(out, (x, norm.weight), go), torch.autograd.grad(ref, (x, norm.weight), go)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    from moonlet.model.norm import _RMSNormScale
+
+    w = norm.weight.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t, v: _RMSNormScale.apply(t, v, 1e-6), (x[:1, :2], w))

@@ -111,6 +111,8 @@ class MLA(nn.Module):
         are written at their positions, then attention runs over slots [0, ctx.kv_len).
         """
         B, T, _ = x_BTD.shape
+        if cache_BSC is None and ctx.absorbed and ctx.mask_B1TL is None and x_BTD.device.type == "cpu":
+            return self._absorbed_folded(x_BTD, ctx)
         q_nope, q_pe = self.query(x_BTD, ctx)
         latent = self.latent(x_BTD, ctx)
         if cache_BSC is not None:
@@ -126,6 +128,40 @@ class MLA(nn.Module):
         if ctx.record_max_logit:
             max_logit = self._max_logit(q_nope, q_pe, latent.to(q_nope.dtype), mask)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim)), max_logit
+
+    def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The absorbed form's per-head maps folded into the projections around attention, in fp32:
+        W_q [H, C + dr, in] = [W_UK^T W_Q^nope | W_Q^rope] per head, times the softmax scale (RoPE is
+        linear, so scaling the rope rows before rotating is the same), and W_o [D, H, C] = W_O W_UV per
+        head. Then one GEMM gives the scaled query [q_lat | q_pe] of every head and one GEMM maps the
+        latent attention output to D: no per-head einsums (and their layout copies) in training."""
+        H, dn, dr, C = self.n_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
+        w_q = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight
+        w_q = w_q.view(H, dn + dr, -1)
+        w_uk, w_uv = self.w_uk_uv()
+        with torch.autocast(w_q.device.type, enabled=False):  # one rounding, by the GEMM's own cast
+            w_q = torch.cat((torch.einsum("hdc,hdi->hci", w_uk, w_q[:, :dn]), w_q[:, dn:]), dim=1) * self.scale
+            w_o = torch.einsum("ehd,hdc->ehc", self.o_proj.weight.view(-1, H, self.v_dim), w_uv)
+        return w_q, w_o
+
+    def _absorbed_folded(self, x_BTD: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Causal self-attention without a cache in the absorbed form, with `folded_weights` (CPU: the
+        per-head einsums and their copies were ~30% of a bf16 attention layer's fwd + bwd on `small`,
+        LOG 2026-12-02 trainspeed). Same maths as forward's absorbed path up to rounding."""
+        B, T, _ = x_BTD.shape
+        H, C, dr = self.n_heads, self.kv_lora_rank, self.rope_dim
+        w_q, w_o = self.folded_weights()
+        src = x_BTD if self.q_lora_rank is None else self.q_latent(x_BTD)
+        q = F.linear(src, w_q.reshape(H * (C + dr), -1)).view(B, T, H, C + dr)
+        q_lat, q_pe = q.split([C, dr], dim=-1)
+        q = torch.cat((q_lat, apply_rope(q_pe, ctx.cos_BTR, ctx.sin_BTR, self.interleaved).to(q.dtype)), dim=-1)
+        latent = self.latent(x_BTD, ctx).to(q.dtype)
+        o_lat = causal_attention_blocked(q, latent[:, :, None], latent[:, :, None, :C], 1.0)
+        out = F.linear(o_lat.reshape(B, T, H * C), w_o.reshape(w_o.shape[0], H * C), self.o_proj.bias)
+        max_logit = None
+        if ctx.record_max_logit:  # from the scaled query: divide the scale back out
+            max_logit = self._max_logit_lat(q_lat / self.scale, q[..., C:] / self.scale, latent, None)
+        return out, max_logit
 
     def _naive(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
         k, v = self.expand_kv(latent_BLC)
@@ -164,10 +200,13 @@ class MLA(nn.Module):
     @torch.no_grad()
     def _max_logit(self, q_nope, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
         """max over batch and (query, key) pairs of the scaled logit q.k, per head [H] (for QK-clip)."""
-        B, T, H, _ = q_nope.shape
-        L = latent_BLC.shape[1]
         w_uk, _ = self.w_uk_uv()
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+        return self._max_logit_lat(torch.einsum("bthd,hdc->bthc", q_nope, w_uk), q_pe, latent_BLC, mask_B1TL)
+
+    @torch.no_grad()
+    def _max_logit_lat(self, q_lat, q_pe, latent_BLC, mask_B1TL) -> torch.Tensor:
+        B, T, H, _ = q_lat.shape
+        L = latent_BLC.shape[1]
         c_kv, k_pe = latent_BLC.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         s = torch.einsum("bthc,blc->bhtl", q_lat, c_kv) + torch.einsum("bthr,blr->bhtl", q_pe, k_pe)
         if mask_B1TL is None:
@@ -209,7 +248,8 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
         return o if torch.is_autocast_enabled("cpu") else o.to(out_dtype)
     B, T, H, d = q_BTHd.shape
     G, e = k_BTGd.shape[2], v_BTGe.shape[-1]
-    q_BTHd = q_BTHd * scale
+    if scale != 1.0:
+        q_BTHd = q_BTHd * scale
     if torch.is_autocast_enabled(dev):  # cast once here, not in every block's matmul
         dt = torch.get_autocast_dtype(dev)
         q_BTHd, k_BTGd, v_BTGe = q_BTHd.to(dt), k_BTGd.to(dt), v_BTGe.to(dt)
@@ -228,14 +268,17 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     n_blocks = max(1, -(-T // block))
     size = -(-T // n_blocks)
     outs = []
-    for s0 in range(0, T, size):
+    # split, not sliced: the blocks' query gradients are concatenated once in backward instead of each
+    # block's slice gradient being scattered into a zero-filled full-size tensor and summed
+    for s0, q_blk in zip(range(0, T, size), q.split(size * rows, dim=1)):
         s1 = min(s0 + size, T)
-        scores = torch.bmm(q[:, s0 * rows:s1 * rows], k[:, :s1].transpose(1, 2))  # [., (s1 - s0) * rows, s1]
-        visible = torch.ones(s1 - s0, s1, dtype=torch.bool, device=q.device).tril(s0)
+        scores = torch.bmm(q_blk, k[:, :s1].transpose(1, 2))  # [., (s1 - s0) * rows, s1]
+        hidden = torch.ones(s1 - s0, s1, dtype=torch.bool, device=q.device).triu(s0 + 1)
         if rows > 1:
-            visible = visible.repeat_interleave(rows, dim=0)
-        # CPU softmax accumulates reduced-precision inputs in fp32 and rounds once at the output
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+            hidden = hidden.repeat_interleave(rows, dim=0)
+        # in place (bmm's backward does not need its output); CPU softmax accumulates reduced-precision
+        # inputs in fp32 and rounds once at the output
+        probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1)
         outs.append(torch.bmm(probs.to(v.dtype), v[:, :s1]))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if G == 1:

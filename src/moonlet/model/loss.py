@@ -1,11 +1,13 @@
 """Cross-entropy over the vocabulary without materializing fp32 log-probabilities.
 
 `F.cross_entropy(logits.float(), ...)` makes an fp32 copy of the [N, V] logits, an fp32 log-softmax
-it keeps for backward, and in backward a zero-filled [N, V] gradient plus two more passes. Here the
-forward reads the logits once for the log-sum-exp (in fp32) and keeps only the logits (in their own
-dtype) and the [N] log-sum-exps; the backward writes d(loss)/d(logits) = (softmax - onehot) / n in one
-expression, in the logits' dtype. Same value and gradient as F.cross_entropy on the upcast logits
-(mean over non-ignored rows).
+it keeps for backward, and in backward a zero-filled [N, V] gradient plus two more passes. Here one
+pass over row chunks of the logits, through a single reused fp32 scratch buffer (fresh multi-MB
+tensors per chunk cost more in page faults than in arithmetic on CPU), gives the log-sum-exps and,
+when the logits need a gradient, d(mean loss)/d(logits) = (softmax - onehot) / n already, in the
+logits' dtype: backward only scales it by the incoming gradient (nothing when that is 1) and never
+reads the logits again. Same value and gradient as F.cross_entropy on the upcast logits (mean over
+non-ignored rows).
 """
 
 from __future__ import annotations
@@ -22,27 +24,37 @@ class _CrossEntropy(torch.autograd.Function):
         N, V = logits_NV.shape
         valid = target_N != ignore_index
         safe_t = torch.where(valid, target_N, 0)
-        rows = max(1, _CHUNK_ELEMS // V)
         acc = torch.promote_types(logits_NV.dtype, torch.float32)
-        lse = torch.cat([torch.logsumexp(logits_NV[i:i + rows].to(acc), dim=-1) for i in range(0, N, rows)])
-        picked = logits_NV.gather(1, safe_t[:, None]).squeeze(1).to(acc)
         n = valid.sum()
+        want_grad = ctx.needs_input_grad[0]
+        scale = valid.to(acc) / n  # [N]: d(mean)/d(row loss), 0 for ignored rows
+        grad = torch.empty_like(logits_NV) if want_grad else None
+        lse = torch.empty(N, dtype=acc, device=logits_NV.device)
+        rows = min(N, max(1, _CHUNK_ELEMS // V))
+        buf = torch.empty(rows, V, dtype=acc, device=logits_NV.device)
+        for i in range(0, N, rows):
+            j = min(i + rows, N)
+            b = buf[: j - i]
+            b.copy_(logits_NV[i:j])
+            mx = b.amax(dim=-1, keepdim=True).clamp_min_(torch.finfo(acc).min)  # all -inf row: lse -inf
+            s = b.sub_(mx).exp_().sum(dim=-1, keepdim=True)
+            lse[i:j] = (mx + s.log()).squeeze(1)
+            if want_grad:
+                b.mul_(scale[i:j, None] / s)  # softmax / n
+                b.scatter_add_(1, safe_t[i:j, None], -scale[i:j, None])
+                grad[i:j].copy_(b)
+        picked = logits_NV.gather(1, safe_t[:, None]).squeeze(1).to(acc)
         loss = ((lse - picked) * valid).sum() / n  # nan when no row is valid, like F.cross_entropy
-        ctx.save_for_backward(logits_NV, safe_t, valid, lse, n)
+        ctx.grad = grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits, safe_t, valid, lse, n = ctx.saved_tensors
-        N, V = logits.shape
-        scale = (grad_loss / n) * valid.to(lse.dtype)  # [N]: 0 for ignored rows
-        grad = torch.empty_like(logits)
-        rows = max(1, _CHUNK_ELEMS // V)
-        for i in range(0, N, rows):
-            j = min(i + rows, N)
-            p = torch.sub(logits[i:j], lse[i:j, None]).exp_()  # softmax rows: a new >= fp32 scratch tensor
-            p.scatter_add_(1, safe_t[i:j, None], torch.full((j - i, 1), -1.0, dtype=p.dtype, device=p.device))
-            torch.mul(p, scale[i:j, None], out=grad[i:j])  # scale and cast to the logits' dtype in one pass
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("moonlet cross_entropy: backward ran twice through the same loss")
+        if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:  # (a CPU read is free; CUDA would sync)
+            grad = grad * grad_loss.to(grad.dtype if grad.dtype == torch.float64 else torch.float32)
         return grad, None, None
 
 

@@ -109,21 +109,26 @@ class Experts(nn.Module):
         token = order // K
         counts = torch.bincount(flat, minlength=self.n_experts)
         dtype = _compute_dtype(x_ND)
+        w_sorted = weights_NK.reshape(-1).index_select(0, order)
         if _grouped_mm_ok(x_ND.device, dtype):
             # one grouped GEMM per projection over the expert-sorted rows (no per-expert Python loop,
             # no host sync); grouped_mm is not autocast-aware, so cast to the compute dtype here
             # (before the gather: N rows to cast instead of N * K)
-            xs = x_ND.to(dtype).index_select(0, token)  # (index_select: its backward is 2-4x cheaper than x[idx]'s)
-            rows = pad = None
             if jit_per_shape(x_ND.device, dtype):
+                # padding rows gather token 0 with gate weight 0: their outputs are exact zeros (for
+                # finite activations) and their gradients vanish, and x needs no zero-padded copy
+                # (LOG 2026-12-02, trainspeed)
                 rows, pad, counts = _padded_rows(counts, N * K, GROUP_ROWS)
-                xs = xs.new_zeros(pad, xs.shape[1]).index_copy(0, rows, xs)
+                token = token.new_zeros(pad).index_copy_(0, rows, token)
+                w_sorted = w_sorted.new_zeros(pad).index_copy_(0, rows, w_sorted)
+            xs = x_ND.to(dtype).index_select(0, token)  # (index_select: its backward is 2-4x cheaper than x[idx]'s)
             offs = counts.cumsum(0, dtype=torch.int32)
             gate = F.grouped_mm(xs, self.gate_proj.to(dtype).transpose(1, 2), offs=offs)
             up = F.grouped_mm(xs, self.up_proj.to(dtype).transpose(1, 2), offs=offs)
-            y_sorted = F.grouped_mm(F.silu(gate) * up, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
-            if rows is not None:
-                y_sorted = y_sorted.index_select(0, rows)
+            # the gate weight scales the down projection's input (I wide) rather than its output (D wide):
+            # the same product, one narrower elementwise pass in the compute dtype
+            h = F.silu(gate) * up * w_sorted[:, None].to(dtype)
+            y_sorted = F.grouped_mm(h, self.down_proj.to(dtype).transpose(1, 2), offs=offs)
         else:
             # unbind once: indexing the stacked weight per expert would make autograd build a full
             # [E, ...] zero gradient for every expert (E^2 work)
@@ -136,8 +141,7 @@ class Experts(nn.Module):
                 xe = x_sorted[start:start + n]
                 outs.append((F.silu(xe @ w_gate[e].t()) * (xe @ w_up[e].t())) @ w_down[e].t())
                 start += n
-            y_sorted = torch.cat(outs)
-        y_sorted = y_sorted * weights_NK.reshape(-1).index_select(0, order)[:, None].to(x_ND.dtype)
+            y_sorted = torch.cat(outs) * w_sorted[:, None].to(x_ND.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token, y_sorted.to(x_ND.dtype))
 
 
