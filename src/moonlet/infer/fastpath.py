@@ -34,8 +34,9 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..model import CausalLM, LayerCache
-from ..model.attention import CPU_NATIVE_BF16, MLA, causal_attention_blocked
+from ..model.attention import MLA, causal_attention_blocked
 from ..model import moe as moe_mod
+from ..model.cpu import CPU_NATIVE_BF16
 from ..model.moe import MLP, MoE, Router
 from ..model.quant import QuantWeight, cat_rows, linear
 from ..model.rope import apply_rope

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu import CPU_NATIVE_BF16
 from .norm import RMSNorm
 from .rope import apply_rope, softmax_scale
 
@@ -217,11 +218,6 @@ class MLA(nn.Module):
         return s.amax(dim=(0, 2, 3))
 
 
-# CPUs with bf16 matmul instructions (avx512_bf16, AMX) run bf16 GEMMs faster than fp32; without
-# them torch's bf16 GEMMs are several times slower than fp32 (docs/LOG.md, 2026-12-02)
-CPU_NATIVE_BF16 = torch.cpu._is_avx512_bf16_supported()
-
-
 def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe: torch.Tensor, scale: float,
                              block: int | None = None) -> torch.Tensor:
     """Exact causal softmax self-attention over T tokens -> [B, T, H, e], for CPU.
@@ -234,7 +230,8 @@ def causal_attention_blocked(q_BTHd: torch.Tensor, k_BTGd: torch.Tensor, v_BTGe:
     of `block` tokens and block i scores only keys [0, end of block i): about half the score work at
     long T (0.75 of it at T = 256). Scores and probabilities are in the matmul dtype. Default block:
     64 tokens with shared k/v (their H rows per token already make tall matmuls), 128 per-head (both
-    measured best for the `small` preset at T = 256, docs/LOG.md). On CPU, bf16/fp16 compute in fp32.
+    measured best for the `small` preset at T = 256, docs/LOG.md). On CPUs without bf16 matmul
+    instructions, bf16/fp16 compute in fp32 (CPU_NATIVE_BF16).
     """
     dev = q_BTHd.device.type
     if dev == "cpu" and not CPU_NATIVE_BF16 and (

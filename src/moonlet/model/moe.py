@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu import CPU_NATIVE_BF16
 
 
 class MLP(nn.Module):
@@ -152,15 +153,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# oneDNN (torch's CPU bf16/fp16 GEMMs) JIT-compiles a kernel per new row count, ~1.4 ms each against
-# ~0.1 ms for the GEMM, and a training step's expert groups change sizes every step: rounding each
+# oneDNN (torch's CPU bf16/fp16 GEMMs where the CPU has bf16 instructions) JIT-compiles a kernel per new
+# row count, ~1.4 ms each against ~0.1 ms for the GEMM, and a training step's expert groups change sizes every step: rounding each
 # group up to a multiple of GROUP_ROWS (zero rows, exact) keeps the set of shapes small and cached
 # (small bf16 training step: LOG 2026-12-02 "oneDNN JIT per expert group size")
 GROUP_ROWS = 32
 
 
 def jit_per_shape(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16)
+    return device.type == "cpu" and CPU_NATIVE_BF16 and dtype in (torch.bfloat16, torch.float16)
 
 
 def _padded_rows(counts_E: torch.Tensor, n_rows: int, multiple: int) -> tuple[torch.Tensor, int, torch.Tensor]:
