@@ -153,10 +153,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-# oneDNN (torch's CPU bf16/fp16 GEMMs where the CPU has bf16 instructions) JIT-compiles a kernel per new
-# row count, ~1.4 ms each against ~0.1 ms for the GEMM, and a training step's expert groups change sizes every step: rounding each
-# group up to a multiple of GROUP_ROWS (zero rows, exact) keeps the set of shapes small and cached
-# (small bf16 training step: LOG 2026-12-02 "oneDNN JIT per expert group size")
+# oneDNN (torch's CPU bf16/fp16 GEMMs where the CPU has bf16 instructions) JIT-compiles a kernel per
+# new row count, ~1.4 ms each against ~0.1 ms for the GEMM, and a training step's expert groups change
+# size every step: rounding each group up to a multiple of GROUP_ROWS keeps the set of shapes small and
+# cached (small bf16 training step: LOG 2026-12-02 "a different VM (Intel Xeon with AMX)")
 GROUP_ROWS = 32
 
 
