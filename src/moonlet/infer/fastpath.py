@@ -90,11 +90,6 @@ class _Proj:
         self.w, self.bias = w, bias
         self.wt = None if isinstance(w, QuantWeight) else w.t()
 
-    @classmethod
-    def of(cls, mod) -> "_Proj":
-        """From an nn.Linear or a QuantLinear."""
-        return cls(mod if isinstance(mod, QuantWeight) else mod.weight, mod.bias)
-
     def __call__(self, x_NK: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
         """x W^T (+ bias), plus acc when given (a residual: one addmm instead of mm + add)."""
         if self.wt is None or _upcast(x_NK):
@@ -111,6 +106,41 @@ class _Proj:
         if self.bias is None:
             return torch.mm(x_NK, self.wt)
         return torch.addmm(self.bias, x_NK, self.wt)
+
+
+
+class _Int8Proj:
+    """An INT8 weight-only projection (of a weight, or of expert e of a stack) calling torch's fused
+    kernel directly for a few rows (bf16 activations inside, as QuantWeight.linear does): the ints and
+    bf16 scales are picked once, so a call is cast -> kernel -> cast (a batch-1 `small` step makes ~100
+    of them; QuantWeight.linear's per-call selection and reshapes cost more than the kernel)."""
+
+    wt = None  # not a float weight: no fused-row tricks (q_a + kv_a go through cat_rows instead)
+
+    def __init__(self, w: QuantWeight, e: int | None = None, bias: torch.Tensor | None = None):
+        self.w, self.e, self.bias = w, e, bias
+        self.q, self.s = (w.qweight, w.scale) if e is None else (w.qweight[e], w.scale[e])
+
+    def __call__(self, x_NK: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
+        if x_NK.shape[0] > self.w.kernel_max_rows or x_NK.device.type != "cpu":
+            y = _linear(x_NK, self.w, self.e, self.bias)
+        else:
+            y = torch._weight_int8pack_mm(x_NK.to(torch.bfloat16).contiguous(), self.q, self.s).to(x_NK.dtype)
+            if self.bias is not None:
+                y = y + self.bias
+        return y if acc is None else acc + y
+
+
+def _proj(w, bias: torch.Tensor | None = None) -> "_Proj | _Int8Proj":
+    """The projection object for a float weight or a quantized one."""
+    if isinstance(w, QuantWeight) and w.scheme == "int8" and w.qweight.dim() == 2:
+        return _Int8Proj(w, bias=bias)
+    return _Proj(w, bias)
+
+
+def _proj_of(mod) -> "_Proj | _Int8Proj":
+    """From an nn.Linear or a QuantLinear."""
+    return _proj(mod if isinstance(mod, QuantWeight) else mod.weight, mod.bias)
 
 
 class _Attn:
@@ -137,10 +167,10 @@ class _Attn:
         else:
             q_weight = torch.cat((q_w[:, :dn].reshape(H * dn, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
             self.w_uk = w_uk.contiguous()  # [H, dn, C]
-        self.q = _Proj(q_weight)  # -> [N, H*C (folded) or H*dn | H*dr]
-        self.q_a = None if attn.q_lora_rank is None else _Proj.of(attn.q_a_proj)
+        self.q = _proj(q_weight)  # -> [N, H*C (folded) or H*dn | H*dr]
+        self.q_a = None if attn.q_lora_rank is None else _proj_of(attn.q_a_proj)
         self.q_norm = None if attn.q_lora_rank is None else _Norm(attn.q_a_layernorm)
-        self.kv_a = _Proj.of(attn.kv_a_proj_with_mqa)
+        self.kv_a = _proj_of(attn.kv_a_proj_with_mqa)
         self.kv_norm = _Norm(attn.kv_a_layernorm)
         self.qkv_a = None  # q_a_proj and kv_a_proj_with_mqa read the same input: one matmul
         if self.q_a is not None and attn.q_a_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
@@ -149,7 +179,7 @@ class _Attn:
                 self.qkv_a = _Proj(torch.cat((q_a.weight, kv_a.weight)).contiguous())
             elif isinstance(q_a, QuantWeight) and isinstance(kv_a, QuantWeight) \
                     and (q_a.scheme, q_a.group_size) == (kv_a.scheme, kv_a.group_size):
-                self.qkv_a = _Proj(cat_rows(q_a, kv_a))
+                self.qkv_a = _proj(cat_rows(q_a, kv_a))
         quant_o = isinstance(attn.o_proj, QuantWeight)
         o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
@@ -159,12 +189,12 @@ class _Attn:
                                ).reshape(D, H * C).to(o_w.dtype).contiguous()
         else:
             self.w_uv = w_uv.transpose(1, 2).contiguous()  # [H, C, dv]
-        self.o = _Proj(o_w, attn.o_proj.bias)
+        self.o = _proj(o_w, attn.o_proj.bias)
 
 
 class _Experts:
-    """Routed experts of one MoE layer: a _Proj per expert weight (views of the stacks) or, quantized,
-    the QuantExperts stacks through their kernels."""
+    """Routed experts of one MoE layer: a _Proj per expert weight (views of the stacks), an _Int8Proj per
+    INT8 expert weight, or (other quantized forms) the QuantExperts stacks through their kernels."""
 
     def __init__(self, experts):
         self.mod = experts
@@ -172,6 +202,10 @@ class _Experts:
         if not self.quant:
             self.projs = [(_Proj(g), _Proj(u), _Proj(d)) for g, u, d in
                           zip(experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0))]
+        elif all(w.scheme == "int8" for w in (experts.gate_proj, experts.up_proj, experts.down_proj)):
+            self.projs = [tuple(_Int8Proj(w, e) for w in (experts.gate_proj, experts.up_proj, experts.down_proj))
+                          for e in range(experts.gate_proj.qweight.shape[0])]
+            self.quant = False  # through the per-expert projections below
 
     def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """silu(x W_gate[e]^T) * (x W_up[e]^T)."""
@@ -188,9 +222,10 @@ class _Experts:
 
     def down_add(self, acc: torch.Tensor, h: torch.Tensor, e: int, weight: float) -> torch.Tensor:
         """acc + weight * (h W_down[e]^T) for one token, one addmm where it can be."""
-        if self.quant or _upcast(h):
+        down = None if self.quant else self.projs[e][2]
+        if down is None or down.wt is None or _upcast(h):
             return acc + self.down(h, e) * weight
-        return torch.addmm(acc, h, self.projs[e][2].wt, alpha=weight)
+        return torch.addmm(acc, h, down.wt, alpha=weight)
 
 
 class _Route:
@@ -267,7 +302,7 @@ def _rope(x: torch.Tensor, rot: torch.Tensor | None, cos, sin, interleaved: bool
 
 def _fused_mlp(mlp: MLP) -> tuple[_Proj, _Proj]:
     if isinstance(mlp.gate_proj, QuantWeight):
-        return _Proj(cat_rows(mlp.gate_proj, mlp.up_proj)), _Proj(mlp.down_proj)
+        return _proj(cat_rows(mlp.gate_proj, mlp.up_proj)), _proj(mlp.down_proj)
     return _Proj(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous()), _Proj(mlp.down_proj.weight)
 
 
@@ -332,8 +367,8 @@ class FastForward:
         self.norms = [(_Norm(layer.input_layernorm), _Norm(layer.post_attention_layernorm)) for layer in blocks]
         self.final_norm = _Norm(m.model.norm)
         self.mtp_norms = [(_Norm(mod.enorm), _Norm(mod.hnorm), _Norm(mod.shared_head.norm)) for mod in m.mtp]
-        self.lm_head = _Proj.of(m.lm_head)
-        self.eh_proj = [_Proj.of(mod.eh_proj) for mod in m.mtp]
+        self.lm_head = _proj_of(m.lm_head)
+        self.eh_proj = [_proj_of(mod.eh_proj) for mod in m.mtp]
 
     # ---- MoE ------------------------------------------------------------------------------------
     def _moe(self, parts, shared, x_ND: torch.Tensor, resid_ND: torch.Tensor) -> torch.Tensor:
