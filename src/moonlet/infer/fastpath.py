@@ -108,7 +108,6 @@ class _Proj:
         return torch.addmm(self.bias, x_NK, self.wt)
 
 
-
 class _Int8Proj:
     """An INT8 weight-only projection (of a weight, or of expert e of a stack) calling torch's fused
     kernel directly for a few rows (bf16 activations inside, as QuantWeight.linear does): the ints and
@@ -198,34 +197,32 @@ class _Experts:
 
     def __init__(self, experts):
         self.mod = experts
-        self.quant = isinstance(experts.gate_proj, QuantWeight)
-        if not self.quant:
-            self.projs = [(_Proj(g), _Proj(u), _Proj(d)) for g, u, d in
-                          zip(experts.gate_proj.unbind(0), experts.up_proj.unbind(0), experts.down_proj.unbind(0))]
-        elif all(w.scheme == "int8" for w in (experts.gate_proj, experts.up_proj, experts.down_proj)):
-            self.projs = [tuple(_Int8Proj(w, e) for w in (experts.gate_proj, experts.up_proj, experts.down_proj))
-                          for e in range(experts.gate_proj.qweight.shape[0])]
-            self.quant = False  # through the per-expert projections below
+        stacks = (experts.gate_proj, experts.up_proj, experts.down_proj)
+        self.projs = None  # None: through the QuantExperts stacks (int4)
+        if not isinstance(experts.gate_proj, QuantWeight):
+            self.projs = [tuple(_Proj(w) for w in ws) for ws in zip(*(t.unbind(0) for t in stacks))]
+        elif all(w.scheme == "int8" for w in stacks):
+            self.projs = [tuple(_Int8Proj(w, e) for w in stacks) for e in range(experts.gate_proj.qweight.shape[0])]
 
     def hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """silu(x W_gate[e]^T) * (x W_up[e]^T)."""
-        if self.quant:
+        if self.projs is None:
             ex = self.mod
             return F.silu(_linear(x, ex.gate_proj, e)) * _linear(x, ex.up_proj, e)
         gate, up, _ = self.projs[e]
         return F.silu(gate(x)) * up(x)
 
     def down(self, h: torch.Tensor, e: int) -> torch.Tensor:
-        if self.quant:
+        if self.projs is None:
             return _linear(h, self.mod.down_proj, e)
         return self.projs[e][2](h)
 
     def down_add(self, acc: torch.Tensor, h: torch.Tensor, e: int, weight: float) -> torch.Tensor:
         """acc + weight * (h W_down[e]^T) for one token, one addmm where it can be."""
-        down = None if self.quant else self.projs[e][2]
-        if down is None or down.wt is None or _upcast(h):
+        wt = None if self.projs is None else self.projs[e][2].wt
+        if wt is None or _upcast(h):
             return acc + self.down(h, e) * weight
-        return torch.addmm(acc, h, down.wt, alpha=weight)
+        return torch.addmm(acc, h, wt, alpha=weight)
 
 
 class _Route:
