@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -107,16 +108,14 @@ def run(args) -> int:
             ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
         else:
             ids = eng.encode(args.prompt)
-    sched = eng.scheduler(max_batch=1)
-    rid = sched.add(ids, sampling_params(args))
-    req = sched.get(rid)
     t0 = time.perf_counter()
     t_first = None
     n = 0
     reason = None
-    try:
-        while sched.has_work():
-            for ev in sched.step():
+    accept = None
+    with contextlib.closing(eng.stream(ids, sampling_params(args))) as events:  # closing drops the request
+        try:
+            for ev in events:
                 n = ev.completion_tokens
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -126,10 +125,9 @@ def run(args) -> int:
                     sys.stdout.write(f"{ev.token_id} ")
                 sys.stdout.flush()
                 if ev.finished:
-                    reason = ev.finish_reason
-    except KeyboardInterrupt:
-        sched.abort(rid)
-        reason = "interrupted"
+                    reason, accept = ev.finish_reason, ev.spec_accept_rate
+        except KeyboardInterrupt:
+            reason = "interrupted"
     t1 = time.perf_counter()
     sys.stdout.write("\n")
     decode_s = t1 - (t_first or t1)
@@ -137,7 +135,7 @@ def run(args) -> int:
              f"prefill {(t_first or t1) - t0:.3f}s",
              f"decode {(n - 1) / decode_s:.1f} tok/s" if n > 1 and decode_s > 0 else "decode -",
              f"overall {n / (t1 - t0):.1f} tok/s"]
-    if req is not None and req.spec_accept_rate is not None:
-        stats.append(f"MTP acceptance {req.spec_accept_rate:.1%} (k={eng.speculative})")
+    if accept is not None:
+        stats.append(f"MTP acceptance {accept:.1%} (k={eng.speculative})")
     print("[" + "; ".join(stats) + "]", file=sys.stderr)
     return 0

@@ -44,6 +44,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    spec_accept_rate: float | None = None  # on the finished event, with speculative decoding
 
 
 class IncrementalText:
@@ -318,4 +319,5 @@ class Scheduler:
             req.pending = token
         return TokenEvent(req.id, token, delta, reason is not None, reason,
                           None if lp is None else lp["logprob"], None if lp is None else lp["top_logprobs"],
-                          len(req.prompt_ids), req.completion_tokens)
+                          len(req.prompt_ids), req.completion_tokens,
+                          req.spec_accept_rate if reason is not None else None)
