@@ -38,7 +38,7 @@ from ..model.attention import MLA, causal_attention_blocked
 from ..model import moe as moe_mod
 from ..model.cpu import CPU_NATIVE_BF16
 from ..model.moe import MLP, MoE, Router
-from ..model.quant import QuantWeight, cat_rows, linear
+from ..model.quant import QuantWeight, cat_rows, int8_kernel_mm, linear
 from ..model.rope import apply_rope
 
 
@@ -124,7 +124,7 @@ class _Int8Proj:
         if x_NK.shape[0] > self.w.kernel_max_rows or x_NK.device.type != "cpu":
             y = _linear(x_NK, self.w, self.e, self.bias)
         else:
-            y = torch._weight_int8pack_mm(x_NK.to(torch.bfloat16).contiguous(), self.q, self.s).to(x_NK.dtype)
+            y = int8_kernel_mm(x_NK, self.q, self.s)
             if self.bias is not None:
                 y = y + self.bias
         return y if acc is None else acc + y
@@ -140,6 +140,19 @@ def _proj(w, bias: torch.Tensor | None = None) -> "_Proj | _Int8Proj":
 def _proj_of(mod) -> "_Proj | _Int8Proj":
     """From an nn.Linear or a QuantLinear."""
     return _proj(mod if isinstance(mod, QuantWeight) else mod.weight, mod.bias)
+
+
+def _stacked_proj(*mods) -> "_Proj | _Int8Proj | None":
+    """One projection over the output rows of Linears / QuantLinears that read the same input (one
+    matmul instead of several; exact), or None where they cannot be stacked (a bias, or different
+    storage)."""
+    if any(m.bias is not None for m in mods):
+        return None
+    if not any(isinstance(m, QuantWeight) for m in mods):
+        return _Proj(torch.cat([m.weight for m in mods]).contiguous())
+    if all(isinstance(m, QuantWeight) for m in mods) and len({(m.scheme, m.group_size) for m in mods}) == 1:
+        return _proj(cat_rows(*mods))
+    return None
 
 
 class _Attn:
@@ -161,7 +174,7 @@ class _Attn:
             q_weight = q_mod.select_rows(torch.cat((rows[:, :dn].reshape(-1), rows[:, dn:].reshape(-1))))
             self.w_uk = w_uk.contiguous()
         elif self.fold_q:
-            q_lat = torch.einsum("hdc,hdq->hcq", w_uk.float(), q_w[:, :dn].float()).to(q_w.dtype)
+            q_lat = attn.query_latent_weight(torch.float32).to(q_w.dtype)
             q_weight = torch.cat((q_lat.reshape(H * C, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
         else:
             q_weight = torch.cat((q_w[:, :dn].reshape(H * dn, Q), q_w[:, dn:].reshape(H * dr, Q))).contiguous()
@@ -171,21 +184,14 @@ class _Attn:
         self.q_norm = None if attn.q_lora_rank is None else _Norm(attn.q_a_layernorm)
         self.kv_a = _proj_of(attn.kv_a_proj_with_mqa)
         self.kv_norm = _Norm(attn.kv_a_layernorm)
-        self.qkv_a = None  # q_a_proj and kv_a_proj_with_mqa read the same input: one matmul
-        if self.q_a is not None and attn.q_a_proj.bias is None and attn.kv_a_proj_with_mqa.bias is None:
-            q_a, kv_a = attn.q_a_proj, attn.kv_a_proj_with_mqa
-            if self.q_a.wt is not None and self.kv_a.wt is not None:
-                self.qkv_a = _Proj(torch.cat((q_a.weight, kv_a.weight)).contiguous())
-            elif isinstance(q_a, QuantWeight) and isinstance(kv_a, QuantWeight) \
-                    and (q_a.scheme, q_a.group_size) == (kv_a.scheme, kv_a.group_size):
-                self.qkv_a = _proj(cat_rows(q_a, kv_a))
+        # q_a_proj and kv_a_proj_with_mqa read the same input: one matmul
+        self.qkv_a = None if attn.q_lora_rank is None else _stacked_proj(attn.q_a_proj, attn.kv_a_proj_with_mqa)
         quant_o = isinstance(attn.o_proj, QuantWeight)
         o_w = attn.o_proj if quant_o else attn.o_proj.weight  # [D, H*dv]
         D = o_w.shape[0]
         self.fold_o = D * C <= 2 * (D * dv + dv * C) and not quant_o  # the same rule for W_UV into o_proj
         if self.fold_o:
-            o_w = torch.einsum("ehv,hvc->ehc", o_w.view(D, H, dv).float(), w_uv.float()
-                               ).reshape(D, H * C).to(o_w.dtype).contiguous()
+            o_w = attn.output_latent_weight(torch.float32).reshape(D, H * C).to(o_w.dtype).contiguous()
         else:
             self.w_uv = w_uv.transpose(1, 2).contiguous()  # [H, C, dv]
         self.o = _proj(o_w, attn.o_proj.bias)
@@ -298,9 +304,7 @@ def _rope(x: torch.Tensor, rot: torch.Tensor | None, cos, sin, interleaved: bool
 
 
 def _fused_mlp(mlp: MLP) -> tuple[_Proj, _Proj]:
-    if isinstance(mlp.gate_proj, QuantWeight):
-        return _proj(cat_rows(mlp.gate_proj, mlp.up_proj)), _proj(mlp.down_proj)
-    return _Proj(torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).contiguous()), _Proj(mlp.down_proj.weight)
+    return _stacked_proj(mlp.gate_proj, mlp.up_proj), _proj_of(mlp.down_proj)
 
 
 def _swiglu(x: torch.Tensor, gate_up: _Proj, down: _Proj, acc: torch.Tensor | None = None) -> torch.Tensor:

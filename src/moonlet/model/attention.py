@@ -130,19 +130,33 @@ class MLA(nn.Module):
             max_logit = self._max_logit(q_nope, q_pe, latent.to(q_nope.dtype), mask)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim)), max_logit
 
+    def query_latent_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_UK^T W_Q^nope per head [H, C, in]: the nope query projection mapped into latent space (in
+        `dtype`, default the weights'), so that q_lat . c_kv is the nope logit."""
+        H, dn = self.n_heads, self.nope_dim
+        w_q = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight.view(H, dn + self.rope_dim, -1)
+        w_uk, _ = self.w_uk_uv()
+        dtype = dtype or w_q.dtype
+        return torch.einsum("hdc,hdi->hci", w_uk.to(dtype), w_q[:, :dn].to(dtype))
+
+    def output_latent_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W_O W_UV per head [D, H, C]: the output projection reading the latent attention output."""
+        _, w_uv = self.w_uk_uv()
+        w_o = self.o_proj.weight.view(-1, self.n_heads, self.v_dim)
+        dtype = dtype or w_o.dtype
+        return torch.einsum("ehd,hdc->ehc", w_o.to(dtype), w_uv.to(dtype))
+
     def folded_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The absorbed form's per-head maps folded into the projections around attention, in fp32:
         W_q [H, C + dr, in] = [W_UK^T W_Q^nope | W_Q^rope] per head, times the softmax scale (RoPE is
         linear, so scaling the rope rows before rotating is the same), and W_o [D, H, C] = W_O W_UV per
         head. Then one GEMM gives the scaled query [q_lat | q_pe] of every head and one GEMM maps the
         latent attention output to D: no per-head einsums (and their layout copies) in training."""
-        H, dn, dr, C = self.n_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank
-        w_q = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight
-        w_q = w_q.view(H, dn + dr, -1)
-        w_uk, w_uv = self.w_uk_uv()
+        H, dn, dr = self.n_heads, self.nope_dim, self.rope_dim
+        w_q = (self.q_proj if self.q_lora_rank is None else self.q_b_proj).weight.view(H, dn + dr, -1)
         with torch.autocast(w_q.device.type, enabled=False):  # one rounding, by the GEMM's own cast
-            w_q = torch.cat((torch.einsum("hdc,hdi->hci", w_uk, w_q[:, :dn]), w_q[:, dn:]), dim=1) * self.scale
-            w_o = torch.einsum("ehd,hdc->ehc", self.o_proj.weight.view(-1, H, self.v_dim), w_uv)
+            w_q = torch.cat((self.query_latent_weight(), w_q[:, dn:]), dim=1) * self.scale
+            w_o = self.output_latent_weight()
         return w_q, w_o
 
     def _absorbed_folded(self, x_BTD: torch.Tensor, ctx: AttnContext) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -172,6 +172,12 @@ def from_int4pack(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- modules ---------------------------------------------------------------------------------------
+def int8_kernel_mm(x_NK: torch.Tensor, q_NK: torch.Tensor, scale_N: torch.Tensor) -> torch.Tensor:
+    """x @ (q * scale)^T through torch's fused CPU kernel: bf16 activations inside (its fastest form),
+    contiguous rows (it refuses strided ones), the result in x's dtype."""
+    return torch._weight_int8pack_mm(x_NK.to(torch.bfloat16).contiguous(), q_NK, scale_N).to(x_NK.dtype)
+
+
 class QuantWeight(nn.Module):
     """A weight [N, K] or a stack [E, N, K] in int8 / int4 with its bf16 scales (buffers `qweight`, `scale`).
 
@@ -242,10 +248,10 @@ class QuantWeight(nn.Module):
         rows = x.numel() // K
         N = q.shape[0]
         if x.device.type == "cpu" and 0 < rows <= self.kernel_max_rows:
-            xb = x.reshape(rows, K).to(torch.bfloat16).contiguous()  # the int4 kernel refuses strided rows
             if self.scheme == "int8":
-                return torch._weight_int8pack_mm(xb, q, s).to(x.dtype).view(*x.shape[:-1], N)
+                return int8_kernel_mm(x.reshape(rows, K), q, s).view(*x.shape[:-1], N)
             if self.layout == "int4pack":
+                xb = x.reshape(rows, K).to(torch.bfloat16).contiguous()  # the kernel refuses strided rows
                 sz = torch.zeros(s.shape[1], N, 2, dtype=torch.bfloat16)  # [K/G, N, (scale, zero)]
                 sz[..., 0] = s.t()
                 y = torch._weight_int4pack_mm_for_cpu(xb, q, self.group_size, sz)
