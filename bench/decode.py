@@ -16,7 +16,10 @@ also divided by transformers' fp32 numbers (the issue's reference), as are `--dt
 rows (moonlet with INT8 weight-only weights quantized from the same model; fp32 / bf16 activations). Also: KV-cache bytes per token (both, measured
 from the caches' tensors), peak RSS, memory bandwidth (a big tensor copy), and a roofline line: decode
 tok/s at batch 1 / (bandwidth / weight bytes one token reads). `--spec-checkpoint DIR` adds MTP
-speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed).
+speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed). `--compile` builds
+moonlet's engines with compile=True (batch-1 decode steps through one torch.compile graph,
+moonlet/infer/compiled.py); the first batch-1 decode compiles it, outside the timed rounds (its
+seconds are printed).
 
     PYTHONPATH=src python bench/decode.py                  # tiny + small, fp32 and bf16 (~10 min quiet)
     PYTHONPATH=src python bench/decode.py --quick          # fewer tokens and rounds
@@ -202,7 +205,7 @@ def bench_preset(name: str, args) -> dict:
         m = model if dtype_name == "fp32" else CausalLM(cfg).init_weights(seed=0).to(dtype).eval()
         if dtype_name.startswith("int8"):  # the same weights, INT8 weight-only (moonlet.model.quant)
             quantize_model(m, "int8")
-        eng = Engine(m, max_batch=8, max_seq=2048 + ctx_new + 8)
+        eng = Engine(m, max_batch=8, max_seq=2048 + ctx_new + 8, compile=args.compile)
         # transformers in the same dtype (bf16: its fastest fp32 experts implementation, loaded in bf16)
         hf_d = hf if hf is None or dtype == torch.float32 else load_hf(tmp, res["hf_experts_impl"], dtype)
         use_hf = hf_d is not None
@@ -213,7 +216,11 @@ def bench_preset(name: str, args) -> dict:
         row["prefill"] = (512 / t_ml, 512 / t_hf if use_hf else None)
         for b in (1, 8):
             pb = prompts(b, 32)
-            ml_generate(eng, pb, 2)
+            t_warm = time.perf_counter()
+            ml_generate(eng, pb, 3)
+            if args.compile and b == 1:
+                row["compile_s"] = time.perf_counter() - t_warm
+                print(f"  {name} {dtype_name}: compiled decode step built in {row['compile_s']:.1f} s", flush=True)
             # decode time = min over rounds of t(n new) - min over rounds of t(1 new): prefill excluded
             t_ml, t_hf = timed_pair(rounds, lambda: ml_generate(eng, pb, n_new),
                                     (lambda: hf_generate(hf_d, pb, n_new)) if use_hf else None)
@@ -281,6 +288,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="moonlet only")
     ap.add_argument("--spec-checkpoint", help="trained checkpoint with MTP for the speculative decoding line")
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--compile", action="store_true", help="moonlet engines with compile=True (batch-1 decode graph)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -44,6 +44,14 @@ def test_generate_streams_and_reports_speed(ckpt):
     assert again.stdout == r.stdout  # same seed, same text
 
 
+def test_generate_compiled_int8_equals_eager(ckpt):
+    args = ("generate", str(ckpt / "no_tok"), "--prompt-ids", "5,6,7", "--max-new-tokens", "6", "--ignore-eos",
+            "--quantize", "int8")
+    eager, compiled = _cli(*args), _cli(*args, "--compile")
+    assert eager.returncode == 0 and compiled.returncode == 0, eager.stderr + compiled.stderr
+    assert compiled.stdout == eager.stdout and len(compiled.stdout.split()) == 6
+
+
 def test_generate_without_tokenizer(ckpt):
     r = _cli("generate", str(ckpt / "no_tok"), "--prompt", "hi")
     assert r.returncode == 1 and "--prompt-ids" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from .generate import add_quantize_args, quantize_engine
+from .generate import add_compile_arg, add_quantize_args, quantize_engine
 
 EPILOG = """\
 routes:   POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /metrics (Prometheus)
@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"],
                    help="weights dtype (default float32; auto = as the checkpoint states)")
     add_quantize_args(p)
+    add_compile_arg(p)
     p.add_argument("--max-body-kb", type=int, default=1024, help="request body limit (default 1024 KiB; 413 above)")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests get to finish (default 30)")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from moonlet.serve import Server, create_app
 
     kw = {"max_seq": args.max_seq} if args.max_seq else {}
-    engine = Engine.from_pretrained(str(ckpt), dtype=args.dtype, max_batch=args.max_batch, **kw)
+    engine = Engine.from_pretrained(str(ckpt), dtype=args.dtype, max_batch=args.max_batch, compile=args.compile, **kw)
     quantize_engine(engine, args.quantize, args.quant_group_size, args.quant_experts_only)
     if engine.tokenizer is None:
         raise ValueError(f"{ckpt} has no tokenizer.json: the server needs the checkpoint's tokenizer "

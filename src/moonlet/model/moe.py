@@ -34,6 +34,22 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def topk_indices(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along the last dim (in no particular order). Inside a compiled
+    graph, for small k, as k argmax passes: inductor has no topk kernel and calls out to aten, which
+    splits the fused kernels around it; argmax is a reduction it fuses (compiled decode step, LOG
+    2026-12-02)."""
+    if not torch.compiler.is_compiling() or k > 8:
+        return x.topk(k, dim=-1, sorted=False).indices
+    iota = torch.arange(x.shape[-1], device=x.device)
+    picked = []
+    for _ in range(k):
+        i = x.argmax(-1, keepdim=True)
+        picked.append(i)
+        x = x.masked_fill(iota == i, float("-inf"))
+    return torch.cat(picked, -1)
+
+
 @dataclass
 class Routing:
     weights_NK: torch.Tensor  # float32 gate weights of the chosen experts
@@ -69,7 +85,8 @@ class Router(nn.Module):
         if self.topk_method == "noaux_tc":
             choice = scores + self.e_score_correction_bias
             if G > 1:
-                group_score = choice.view(-1, G, E // G).topk(2, dim=-1).values.sum(-1)  # [N, G]
+                grouped = choice.view(-1, G, E // G)
+                group_score = grouped.gather(-1, topk_indices(grouped, 2)).sum(-1)  # top-2 sums [N, G]
                 choice = self._mask_groups(choice, group_score, float("-inf"))
         elif self.topk_method == "group_limited_greedy":
             choice = scores
@@ -77,7 +94,7 @@ class Router(nn.Module):
                 choice = self._mask_groups(choice, scores.view(-1, G, E // G).amax(-1), 0.0)
         else:  # greedy
             choice = scores
-        indices = choice.topk(K, dim=-1, sorted=False).indices
+        indices = topk_indices(choice, K)
         weights = scores.gather(1, indices)
         if self.norm_topk_prob and K > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -85,7 +102,7 @@ class Router(nn.Module):
 
     def _mask_groups(self, choice_NE, group_score_NG, fill: float) -> torch.Tensor:
         G = group_score_NG.shape[1]
-        keep = group_score_NG.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = topk_indices(group_score_NG, self.topk_group)
         group_mask = torch.zeros_like(group_score_NG, dtype=torch.bool).scatter_(1, keep, True)
         expert_mask = group_mask[:, :, None].expand(-1, G, self.n_experts // G).reshape(-1, self.n_experts)
         return choice_NE.masked_fill(~expert_mask, fill)

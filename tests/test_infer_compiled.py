@@ -1,0 +1,79 @@
+"""The compiled batch-1 decode step (infer/compiled.py) is the model's own forward: the same logits
+as a full forward over several cached steps of growing length (one compile serves them all), with
+float weights (folded and unfolded absorption, plain q, half-split RoPE) and with INT8 weights (against
+the model holding their dequantized values); an engine built with compile=True generates what the
+fast path generates."""
+
+import copy
+
+import pytest
+import torch
+
+from moonlet.config import preset
+from moonlet.infer import Engine, SamplingParams
+from moonlet.infer.cache import KVCache
+from moonlet.infer.compiled import CompiledDecode
+from moonlet.infer.fastpath import FastForward
+from moonlet.model import CausalLM
+from moonlet.model.quant import QuantWeight, quantize_model
+
+
+def _steps_match(m: CausalLM, ref: CausalLM, tol: float, n_steps: int = 4) -> None:
+    comp = CompiledDecode(FastForward(m))
+    g = torch.Generator().manual_seed(0)
+    seq = torch.randint(0, m.config.vocab_size, (1, 9), generator=g)
+    kv = KVCache(m.config, 1, 32, mtp=False)
+    with torch.no_grad():
+        ref(seq, positions=torch.arange(9)[None], cache=kv.view(0, 1))  # the prompt's cache, exactly
+        for _ in range(n_steps):
+            tok = torch.randint(0, m.config.vocab_size, (1, 1), generator=g)
+            logits, hidden = comp(tok, torch.tensor([[seq.shape[1]]]), kv.view(0, 1))
+            seq = torch.cat((seq, tok), 1)
+            out = ref(seq)
+            want = out.logits[0, -1].float()
+            assert logits.shape == (1, 1, m.config.vocab_size) and logits.dtype == torch.float32
+            assert (logits[0, 0] - want).abs().max() <= tol * max(1.0, float(want.abs().max()))
+            assert (hidden[0, 0].float() - out.hidden[0, -1].float()).abs().max() <= tol * 10
+
+
+@pytest.mark.parametrize("changes", [{}, {"kv_lora_rank": 256, "q_lora_rank": None, "rope_interleave": False}],
+                         ids=["folded", "unfolded_no_qlora_half_rope"])
+def test_compiled_steps_equal_model_forward(changes):
+    m = CausalLM(preset("tiny").replace(**changes)).init_weights(seed=1, std=0.05).eval()
+    _steps_match(m, m, 1e-4)
+
+
+def _dequantized_copy(m: CausalLM) -> CausalLM:
+    """The float model whose weights are the INT8 model's dequantized values."""
+    ref = copy.deepcopy(m)
+    quantize_model(m, "int8")
+    for name, mod in m.named_modules():
+        if isinstance(mod, QuantWeight):
+            parent, _, attr = name.rpartition(".")
+            target = getattr(ref.get_submodule(parent), attr)
+            w = target.weight if isinstance(target, torch.nn.Linear) else target
+            w.data = mod.dequantize(torch.float32)
+    return ref
+
+
+def test_compiled_int8_equals_dequantized_model():
+    m = CausalLM(preset("tiny")).init_weights(seed=2, std=0.05).eval()
+    ref = _dequantized_copy(m)
+    assert any(isinstance(mod, QuantWeight) for mod in m.modules())
+    _steps_match(m, ref, 1e-4)
+
+
+def test_engine_compile_generates_the_fast_paths_tokens():
+    m = CausalLM(preset("tiny")).init_weights(seed=3, std=0.05).eval()
+    prompts = [[1, 5, 9, 200, 31], [7, 7, 8]]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    want = [r.token_ids for r in Engine(m, max_batch=1).generate(prompts, params)]
+    eng = Engine(m, max_batch=1, compile=True)
+    assert [r.token_ids for r in eng.generate(prompts, params)] == want
+
+
+def test_int4_is_refused():
+    m = CausalLM(preset("tiny")).init_weights(seed=0).eval()
+    quantize_model(m, "int4")
+    with pytest.raises(ValueError, match="INT4"):
+        Engine(m, compile=True)
