@@ -43,6 +43,26 @@ def test_compiled_steps_equal_model_forward(changes):
     _steps_match(m, m, 1e-4)
 
 
+def test_compiled_batch_of_ragged_rows_equals_model_forward():
+    """Rows at different positions (9 and 5 cached tokens; 3 and then 2 rows): one graph for every batch
+    size >= 2, attention masked past each row's own position."""
+    m = CausalLM(preset("tiny")).init_weights(seed=4, std=0.05).eval()
+    comp = CompiledDecode(FastForward(m))
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, m.config.vocab_size, (1, n), generator=g) for n in (9, 5, 7)]
+    kv = KVCache(m.config, 3, 32, mtp=False)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            m(s, positions=torch.arange(s.shape[1])[None], cache=kv.view(i, i + 1))
+        for rows in (3, 3, 2):
+            tok = torch.randint(0, m.config.vocab_size, (rows, 1), generator=g)
+            pos = torch.tensor([[s.shape[1]] for s in seqs[:rows]])
+            logits, _ = comp(tok, pos, kv.view(0, rows))
+            for i in range(rows):
+                seqs[i] = torch.cat((seqs[i], tok[i:i + 1]), 1)
+                assert (logits[i, 0] - m(seqs[i]).logits[0, -1]).abs().max() <= 1e-4
+
+
 def _dequantized_copy(m: CausalLM) -> CausalLM:
     """The float model whose weights are the INT8 model's dequantized values."""
     ref = copy.deepcopy(m)

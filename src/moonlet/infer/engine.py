@@ -44,8 +44,9 @@ class Engine:
         """max_seq: context length per sequence (default: the config's max_position_embeddings, at
         most 4096). speculative: MTP draft tokens per step (0 = off; needs an MTP module).
         fast: use the inference fast path (default: whenever the config allows it).
-        compile: decode steps of a single sequence through one torch.compile graph (infer/compiled.py;
-        tens of seconds to compile on the first such step, then 2-3x faster on CPU)."""
+        compile: one-token decode steps through torch.compile graphs (infer/compiled.py: one for a single
+        sequence, one for batches; each compiles for tens of seconds on first use, then runs 2-3x faster
+        on CPU)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.config
@@ -179,7 +180,7 @@ class Engine:
     def decode(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
                last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at per-row positions (their cache slots) -> (logits [B,T or 1,V] float32, hidden [B,T,D])."""
-        if self.compiled is not None and ids_BT.shape == (1, 1) and int(positions_BT) >= 1:
+        if self.compiled is not None and ids_BT.shape[1] == 1 and int(positions_BT.min()) >= 1:
             return self.compiled(ids_BT, positions_BT, cache)
         if self.fast is not None:
             logits, hidden = self.fast(ids_BT, positions_BT, cache, last_only=last_only)
