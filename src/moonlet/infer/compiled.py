@@ -46,6 +46,8 @@ def supports(ff: fp.FastForward) -> bool:
 
 def _weight(p) -> Weight:
     """(weight, scale) of a fast-path projection."""
+    if p.bias is not None:
+        raise ValueError("the compiled decode step has no projection biases (DeepSeek-V3 / Kimi-K2 have none)")
     if isinstance(p, fp._Int8Proj):
         return p.q, p.s
     return p.w, None
@@ -60,7 +62,7 @@ def _experts(w) -> Weight:
 
 def matvec(x_BK: torch.Tensor, w: Weight) -> torch.Tensor:
     """x @ w^T in fp32 for a few rows, as the multiply + sum that inductor turns into one vectorized
-    reduction per output (the weight's rows stay in cache across the batch's rows)."""
+    reduction per output."""
     w_NK, s_N = w
     y_BN = (w_NK.float()[None] * x_BK.float()[:, None, :]).sum(-1)
     return y_BN if s_N is None else y_BN * s_N.float()
@@ -115,9 +117,9 @@ def _global_guards_only(entries) -> list[bool]:
 
 
 class CompiledDecode:
-    """A decode step of B sequences, one token each at its own position, through a compiled graph per B:
-    (tokens, positions, cache rows) -> (logits, hidden), as FastForward.__call__ with T = 1 (tests
-    compare both)."""
+    """A decode step of B sequences, one token each at its own position, through a compiled graph (one
+    for B = 1, one for any B >= 2): (tokens, positions, cache rows) -> (logits, hidden), as
+    FastForward.__call__ with T = 1 (tests compare both)."""
 
     def __init__(self, ff: fp.FastForward):
         self.ff = ff
