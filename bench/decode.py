@@ -262,8 +262,8 @@ def bench_spec(path: str, args) -> dict:
     n = 64 if args.quick else 128
     sp = SamplingParams(max_new_tokens=n, ignore_eos=True)
     for k in (0, 1, 2):
-        eng = Engine(eng0.model, tokenizer=tok, max_batch=1, speculative=k)
-        eng.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        eng = Engine(eng0.model, tokenizer=tok, max_batch=1, speculative=k, compile=args.compile)
+        eng.generate([prompt], SamplingParams(max_new_tokens=8, ignore_eos=True))  # (compiles, with --compile)
         best, rate = float("inf"), None
         for _ in range(2 if args.quick else 3):
             t = time.perf_counter()

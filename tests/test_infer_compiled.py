@@ -44,8 +44,8 @@ def test_compiled_steps_equal_model_forward(changes):
 
 
 def test_compiled_batch_of_ragged_rows_equals_model_forward():
-    """Rows at different positions (9 and 5 cached tokens; 3 and then 2 rows): one graph for every batch
-    size >= 2, attention masked past each row's own position."""
+    """Rows at different positions (9, 5 and 7 cached tokens; 3, then 2 rows: one graph for every batch
+    size >= 2), then 2 tokens of one row (a verify step): attention masked past each query's position."""
     m = CausalLM(preset("tiny")).init_weights(seed=4, std=0.05).eval()
     comp = CompiledDecode(FastForward(m))
     g = torch.Generator().manual_seed(1)
@@ -54,13 +54,42 @@ def test_compiled_batch_of_ragged_rows_equals_model_forward():
     with torch.no_grad():
         for i, s in enumerate(seqs):
             m(s, positions=torch.arange(s.shape[1])[None], cache=kv.view(i, i + 1))
-        for rows in (3, 3, 2):
-            tok = torch.randint(0, m.config.vocab_size, (rows, 1), generator=g)
-            pos = torch.tensor([[s.shape[1]] for s in seqs[:rows]])
+        for rows, T in ((3, 1), (2, 1), (1, 2)):  # T = 2: a speculative verify step
+            tok = torch.randint(0, m.config.vocab_size, (rows, T), generator=g)
+            pos = torch.stack([s.shape[1] + torch.arange(T) for s in seqs[:rows]])
             logits, _ = comp(tok, pos, kv.view(0, rows))
+            assert logits.shape == (rows, T, m.config.vocab_size)
             for i in range(rows):
                 seqs[i] = torch.cat((seqs[i], tok[i:i + 1]), 1)
-                assert (logits[i, 0] - m(seqs[i]).logits[0, -1]).abs().max() <= 1e-4
+                assert (logits[i] - m(seqs[i]).logits[0, -T:]).abs().max() <= 1e-4
+
+
+def test_compiled_mtp_equals_fast_path():
+    m = CausalLM(preset("tiny")).init_weights(seed=5, std=0.05).eval()
+    fast = FastForward(m)
+    comp = CompiledDecode(fast)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, m.config.vocab_size, (1, 8), generator=g)
+    L = m.config.num_hidden_layers
+    kv_a, kv_b = KVCache(m.config, 1, 32, mtp=True), KVCache(m.config, 1, 32, mtp=True)
+    with torch.no_grad():
+        _, hidden = fast(ids, torch.arange(8)[None], kv_a.view(0, 1), last_only=False, fresh=True)
+        fast.mtp(hidden[:, :6], ids[:, 1:7], torch.arange(6)[None], kv_a.view(0, 1), fresh=True)
+        kv_b.layers[L].latent.copy_(kv_a.layers[L].latent)
+        pos, nxt = torch.tensor([[6, 7]]), torch.randint(0, m.config.vocab_size, (1, 2), generator=g)
+        want = fast.mtp(hidden[:, 6:], nxt, pos, kv_a.view(0, 1))
+        got = comp.mtp(hidden[:, 6:], nxt, pos, kv_b.view(0, 1))
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-4
+        assert (kv_b.layers[L].latent - kv_a.layers[L].latent).abs().max() <= 1e-5
+
+
+def test_compiled_speculative_greedy_is_greedy():
+    """MTP drafts (k = 1) verified by the compiled T = 2 step, the MTP graph catching up: exactly greedy."""
+    m = CausalLM(preset("tiny")).init_weights(seed=6, std=0.05).eval()
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+    want = Engine(m).generate([[1, 5, 9, 200, 31]], params)[0].token_ids
+    got = Engine(m, speculative=1, compile=True).generate([[1, 5, 9, 200, 31]], params)[0]
+    assert got.token_ids == want and got.spec_accept_rate is not None
 
 
 def _dequantized_copy(m: CausalLM) -> CausalLM:

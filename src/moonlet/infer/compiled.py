@@ -8,13 +8,14 @@ the same tensor reads 46 GB/s), oneDNN's bf16 one is no faster (LOG 2026-12-02).
 width (int8: the dequantization is fused, no bf16 copy), and the norms, RoPE, routing and residual
 adds around them fuse into the same few kernels; the step runs as one call instead of ~560.
 
-What is in the graph: everything `FastForward.__call__` does for one token at batch 1 -- embedding,
-every layer (absorbed MLA over the latent cache with the fast path's folded W_UK / W_UV, the token's
-k routed experts gathered by index from the stacked weights, shared experts, dense MLPs), final norm
-and lm_head -- with the cache length as the one dynamic dimension (one compile serves every
-length). Batches of B >= 2 rows (each at its own position; attention masked past it) run a second
-graph with B dynamic too. Reductions accumulate in fp32; the cache keeps its dtype. Multi-token
-(speculative verify) steps, prefill and INT4 weights stay on the fast path.
+What is in the graph: everything `FastForward.__call__` does for T tokens per row -- embedding,
+every layer (absorbed MLA over the latent cache with the fast path's folded W_UK / W_UV, masked past
+each query's position, each token's k routed experts gathered by index from the stacked weights,
+shared experts, dense MLPs), final norm and lm_head -- with the cache length dynamic (one compile
+serves every length). Graphs are keyed by T (1 for decoding, k + 1 for a speculative verify) and by
+batch: one for a single row, one for any B >= 2 (B dynamic too). MTP depth 1 (speculative drafting)
+is a graph of its own. Reductions accumulate in fp32; the cache keeps its dtype. Prefill (an empty
+cache) and INT4 weights stay on the fast path.
 
 Guards: a call passes only the token, its position and the cache views; everything else is fixed per
 instance, so dynamo's guards on it (~150 weight tensors and the structure around them: 0.29 ms of a
@@ -117,21 +118,20 @@ def _global_guards_only(entries) -> list[bool]:
 
 
 class CompiledDecode:
-    """A decode step of B sequences, one token each at its own position, through a compiled graph (one
-    for B = 1, one for any B >= 2): (tokens, positions, cache rows) -> (logits, hidden), as
-    FastForward.__call__ with T = 1 (tests compare both)."""
+    """Decode / verify steps of B sequences, T tokens each at their own positions, through compiled
+    graphs: (tokens, positions, cache rows) -> (logits, hidden), as FastForward.__call__ with
+    last_only=False (tests compare both); `mtp` as FastForward.mtp."""
 
     def __init__(self, ff: fp.FastForward):
         self.ff = ff
         self.model = ff.model
         self.refresh()
 
-    def _compile(self, B: int):
-        """The step for one row (B = 1) or for any number >= 2 (B = 2: the batch size is dynamic), compiled
-        from its own copy of the code object (see the module docstring: there are no guards to tell
-        instances or the two graphs apart)."""
-        code = CompiledDecode._step.__code__
-        own = types.FunctionType(code.replace(co_name=f"_step_{id(self):x}_{len(self._fns)}_b{B}"), globals(),
+    def _compile(self, name: str):
+        """A graph from its own copy of the code object of method `name` (see the module docstring: there
+        are no guards to tell instances or graphs apart)."""
+        code = getattr(CompiledDecode, name).__code__
+        own = types.FunctionType(code.replace(co_name=f"{name}_{id(self):x}_{len(self._fns)}"), globals(),
                                  code.co_name)
         return torch.compile(types.MethodType(own, self), dynamic=False,
                              options={"guard_filter_fn": _global_guards_only})
@@ -141,108 +141,156 @@ class CompiledDecode:
         anew (the graphs were built for the old weights' dtypes and shapes, with no guards to notice)."""
         if not supports(self.ff):
             raise ValueError("the compiled decode step covers float and INT8 weights (not INT4)")
-        self._fns: dict[int, object] = {}
+        self._fns: dict[tuple, object] = {}
         self._cache_dtype: torch.dtype | None = None
         ff = self.ff
-        self.layers = []
-        for i, layer in enumerate(self.model.model.layers):
-            a = ff.attn[i]
-            kind, mod, w = ff.mlp[i]
-            L = _Layer(a, layer.input_layernorm, layer.post_attention_layernorm,
-                       qkv_a=None if a.qkv_a is None else _weight(a.qkv_a), q=_weight(a.q),
-                       kv_a=None if a.qkv_a is not None else _weight(a.kv_a), o=_weight(a.o))
-            if a.qkv_a is None and a.q_a is not None:
-                raise ValueError("q LoRA with q_a and kv_a stored differently is not compiled")
-            if kind == "dense":
-                L.mlp, L.down = _weight(w[0]), _weight(w[1])
-            else:
-                moe: MoE = mod[0]
-                ex = moe.experts
-                L.router = moe.gate
-                L.experts_gate, L.experts_up, L.experts_down = (_experts(w) for w in
-                                                                (ex.gate_proj, ex.up_proj, ex.down_proj))
-                if w is not None:
-                    L.shared, L.shared_down = _weight(w[0]), _weight(w[1])
-            self.layers.append(L)
-        self.head = _weight(ff.lm_head)
-
-    def _step(self, ids_B: torch.Tensor, pos_B: torch.Tensor, latents: list[torch.Tensor]):
         m = self.model
-        B = ids_B.shape[0]
-        x = F.embedding(ids_B, m.model.embed_tokens.weight).float()  # [B, D]
-        cos, sin = m.model.rotary(pos_B[:, None], torch.float32)
-        cos, sin = cos[:, 0, None], sin[:, 0, None]  # [B, 1, R/2]: broadcast over heads
-        rows = torch.arange(B, device=ids_B.device)
-        for L, lat_BSC in zip(self.layers, latents):
-            mla = L.attn.m
-            H, C, dr = mla.n_heads, mla.kv_lora_rank, mla.rope_dim
-            h = _rms(x, L.norm_in)
-            if L.qkv_a is not None:
-                both = matvec(h, L.qkv_a)
-                Qr = mla.q_lora_rank
-                cq, kv = _rms(both[:, :Qr], L.attn.q_norm.norm), both[:, Qr:]
-            else:
-                cq, kv = h, matvec(h, L.kv_a)
-            q = matvec(cq, L.q)
-            split = q.shape[1] - H * dr
-            q_pe = _rope(q[:, split:].view(B, H, dr), cos, sin, mla.interleaved)
-            qn = q[:, :split].view(B, H, -1)
-            if not L.attn.fold_q:
-                qn = torch.einsum("bhd,hdc->bhc", qn, L.attn.w_uk.float())
-            k_pe = _rope(kv[:, None, C:], cos, sin, mla.interleaved)[:, 0]
-            new = torch.cat((_rms(kv[:, :C], L.attn.kv_norm.norm), k_pe), -1)
-            lat_BSC.index_put_((rows, pos_B), new.to(lat_BSC.dtype))
-            lat = lat_BSC.float()  # [B, S, C + dr], S = the furthest row's position + 1 (dynamic)
-            scores = torch.bmm(torch.cat((qn, q_pe), -1), lat.transpose(1, 2)) * mla.scale  # [B, H, S]
-            if B > 1:  # rows behind the furthest one do not see the slots after their own position
-                beyond = torch.arange(lat.shape[1], device=lat.device)[None, None, :] > pos_B[:, None, None]
-                scores = scores.masked_fill(beyond, float("-inf"))
-            o = torch.bmm(scores.softmax(-1), lat[:, :, :C])  # [B, H, C]
-            if not L.attn.fold_o:
-                o = torch.einsum("bhc,hcv->bhv", o, L.attn.w_uv.float())
-            x = x + matvec(o.reshape(B, -1), L.o)
-            h = _rms(x, L.norm_post)
-            if L.router is None:
-                g, u = matvec(h, L.mlp).chunk(2, -1)
-                x = x + matvec(F.silu(g) * u, L.down)
-                continue
-            r = L.router(h)  # fp32 in, as Router.forward computes
-            idx_Bk, w_Bk = r.indices_NK, r.weights_NK.float()
-            g, u = expert_matvec(h, L.experts_gate, idx_Bk), expert_matvec(h, L.experts_up, idx_Bk)
-            x = x + (expert_matvec(F.silu(g) * u, L.experts_down, idx_Bk) * w_Bk[..., None]).sum(1)
-            if L.shared is not None:
-                g, u = matvec(h, L.shared).chunk(2, -1)
-                x = x + matvec(F.silu(g) * u, L.shared_down)
+        blocks = list(m.model.layers) + list(m.mtp)  # as FastForward: MTP depths are blocks too
+        self.layers = [self._layer(i, layer) for i, layer in enumerate(blocks)]
+        self.n_main = len(m.model.layers)
+        self.head = _weight(ff.lm_head)
+        self.eh_proj = [_weight(p) for p in ff.eh_proj]
+
+    def _layer(self, i: int, layer) -> _Layer:
+        ff = self.ff
+        a = ff.attn[i]
+        kind, mod, w = ff.mlp[i]
+        L = _Layer(a, layer.input_layernorm, layer.post_attention_layernorm,
+                   qkv_a=None if a.qkv_a is None else _weight(a.qkv_a), q=_weight(a.q),
+                   kv_a=None if a.qkv_a is not None else _weight(a.kv_a), o=_weight(a.o))
+        if a.qkv_a is None and a.q_a is not None:
+            raise ValueError("q LoRA with q_a and kv_a stored differently is not compiled")
+        if kind == "dense":
+            L.mlp, L.down = _weight(w[0]), _weight(w[1])
+        else:
+            moe: MoE = mod[0]
+            ex = moe.experts
+            L.router = moe.gate
+            L.experts_gate, L.experts_up, L.experts_down = (_experts(w) for w in
+                                                            (ex.gate_proj, ex.up_proj, ex.down_proj))
+            if w is not None:
+                L.shared, L.shared_down = _weight(w[0]), _weight(w[1])
+        return L
+
+    def _block(self, L: _Layer, x: torch.Tensor, pos_BT: torch.Tensor, lat_BSC: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decoder block over N = B*T rows x [N, D] (fp32) at positions pos_BT, writing their latents."""
+        B, T = pos_BT.shape
+        N = B * T
+        mla = L.attn.m
+        H, C, dr = mla.n_heads, mla.kv_lora_rank, mla.rope_dim
+        h = _rms(x, L.norm_in)
+        if L.qkv_a is not None:
+            both = matvec(h, L.qkv_a)
+            Qr = mla.q_lora_rank
+            cq, kv = _rms(both[:, :Qr], L.attn.q_norm.norm), both[:, Qr:]
+        else:
+            cq, kv = h, matvec(h, L.kv_a)
+        q = matvec(cq, L.q)
+        split = q.shape[1] - H * dr
+        q_pe = _rope(q[:, split:].view(N, H, dr), cos, sin, mla.interleaved)
+        qn = q[:, :split].view(N, H, -1)
+        if not L.attn.fold_q:
+            qn = torch.einsum("nhd,hdc->nhc", qn, L.attn.w_uk.float())
+        k_pe = _rope(kv[:, None, C:], cos, sin, mla.interleaved)[:, 0]
+        new = torch.cat((_rms(kv[:, :C], L.attn.kv_norm.norm), k_pe), -1)
+        rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
+        lat_BSC.index_put_((rows.reshape(-1), pos_BT.reshape(-1)), new.to(lat_BSC.dtype))
+        lat = lat_BSC.float()  # [B, S, C + dr], S = the furthest position + 1 (dynamic)
+        qa = torch.cat((qn, q_pe), -1).view(B, T * H, C + dr)
+        scores = torch.bmm(qa, lat.transpose(1, 2)) * mla.scale  # [B, T*H, S]
+        if B > 1 or T > 1:  # a query does not see the slots past its own position
+            pos_BTH = pos_BT[:, :, None].expand(B, T, H).reshape(B, T * H)
+            scores = scores.masked_fill(torch.arange(lat.shape[1], device=x.device) > pos_BTH[:, :, None],
+                                        float("-inf"))
+        o = torch.bmm(scores.softmax(-1), lat[:, :, :C]).view(N, H, C)
+        if not L.attn.fold_o:
+            o = torch.einsum("nhc,hcv->nhv", o, L.attn.w_uv.float())
+        x = x + matvec(o.reshape(N, -1), L.o)
+        h = _rms(x, L.norm_post)
+        if L.router is None:
+            g, u = matvec(h, L.mlp).chunk(2, -1)
+            return x + matvec(F.silu(g) * u, L.down)
+        r = L.router(h)  # fp32 in, as Router.forward computes
+        idx_Nk, w_Nk = r.indices_NK, r.weights_NK.float()
+        g, u = expert_matvec(h, L.experts_gate, idx_Nk), expert_matvec(h, L.experts_up, idx_Nk)
+        x = x + (expert_matvec(F.silu(g) * u, L.experts_down, idx_Nk) * w_Nk[..., None]).sum(1)
+        if L.shared is not None:
+            g, u = matvec(h, L.shared).chunk(2, -1)
+            x = x + matvec(F.silu(g) * u, L.shared_down)
+        return x
+
+    def _rotation(self, pos_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.model.model.rotary(pos_BT, torch.float32)  # [B, T, R/2]
+        return cos.reshape(-1, 1, cos.shape[-1]), sin.reshape(-1, 1, sin.shape[-1])  # [N, 1, R/2]: over heads
+
+    def _step(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, latents: list[torch.Tensor]):
+        m = self.model
+        x = F.embedding(ids_BT.reshape(-1), m.model.embed_tokens.weight).float()  # [N, D]
+        cos, sin = self._rotation(pos_BT)
+        for L, lat in zip(self.layers[:self.n_main], latents):
+            x = self._block(L, x, pos_BT, lat, cos, sin)
         hidden = _rms(x, m.model.norm)
         return matvec(hidden, self.head), hidden
 
-    def __call__(self, ids_B1: torch.Tensor, positions_B1: torch.Tensor, cache: list[LayerCache]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row at its own position -> (logits [B, 1, V] float32, final-normed hidden [B, 1, D]
-        in the model's dtype)."""
-        B = ids_B1.shape[0]
-        if ids_B1.shape != (B, 1) or positions_B1.shape != (B, 1):
-            raise ValueError(f"the compiled step decodes one token per row, got ids {tuple(ids_B1.shape)}")
-        pos_B = positions_B1[:, 0]
-        kv_len = int(pos_B.max()) + 1
-        if kv_len < 2:
-            raise ValueError("the compiled step needs a prompt in the cache (position >= 1)")
+    def _mtp(self, h_ND: torch.Tensor, next_ids_BT: torch.Tensor, pos_BT: torch.Tensor, lat: torch.Tensor):
+        m = self.model
+        mod = m.mtp[0]
+        emb = F.embedding(next_ids_BT.reshape(-1), m.model.embed_tokens.weight).float()
+        x = matvec(torch.cat((_rms(emb, mod.enorm), _rms(h_ND.float(), mod.hnorm)), -1), self.eh_proj[0])
+        cos, sin = self._rotation(pos_BT)
+        x = self._block(self.layers[self.n_main], x, pos_BT, lat, cos, sin)
+        return _rms(x, mod.shared_head.norm)
+
+    def _inputs(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, lats: list[torch.Tensor]):
+        """Checked, on the model's device, the cache length marked dynamic (and the batch, B >= 2)."""
+        B, T = ids_BT.shape
+        if positions_BT.shape != (B, T):
+            raise ValueError(f"positions {tuple(positions_BT.shape)} do not match ids {tuple(ids_BT.shape)}")
+        kv_len = int(positions_BT.max()) + 1
+        if int(positions_BT.min()) < 1:
+            raise ValueError("the compiled step needs a prompt in the cache (positions >= 1)")
         dev = self.model.model.embed_tokens.weight.device
-        latents = [c.latent[:, :kv_len] for c in cache[:len(self.layers)]]
+        lats = [lat[:, :kv_len] for lat in lats]
         if self._cache_dtype is None:
-            self._cache_dtype = latents[0].dtype  # the graphs are compiled for it
-        if latents[0].dtype != self._cache_dtype or latents[0].shape[0] != B:
+            self._cache_dtype = lats[0].dtype  # the graphs are compiled for it
+        if lats[0].dtype != self._cache_dtype or lats[0].shape[0] != B:
             raise ValueError(f"compiled for a {self._cache_dtype} cache of the batch's rows, got "
-                             f"{tuple(latents[0].shape)} {latents[0].dtype}")
-        ids_B, pos_B = ids_B1[:, 0].to(dev), pos_B.to(dev)
-        for lat in latents:
+                             f"{tuple(lats[0].shape)} {lats[0].dtype}")
+        ids_BT, positions_BT = ids_BT.to(dev), positions_BT.to(dev)
+        for lat in lats:
             torch._dynamo.mark_dynamic(lat, 1)
         if B > 1:  # one graph for every batch of >= 2 rows
-            for t in (ids_B, pos_B, *latents):
+            for t in (ids_BT, positions_BT, *lats):
                 torch._dynamo.mark_dynamic(t, 0)
-        fn = self._fns.get(min(B, 2))
+        return ids_BT, positions_BT, lats
+
+    def _graph(self, name: str, B: int, T: int):
+        key = (name, min(B, 2), T)
+        fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[min(B, 2)] = self._compile(min(B, 2))
-        logits, hidden = fn(ids_B, pos_B, latents)
+            fn = self._fns[key] = self._compile(name)
+        return fn
+
+    def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T tokens per row at consecutive positions -> (logits [B, T, V] float32, final-normed hidden
+        [B, T, D] in the model's dtype)."""
+        B, T = ids_BT.shape
+        ids, pos, lats = self._inputs(ids_BT, positions_BT, [c.latent for c in cache[:self.n_main]])
+        logits, hidden = self._graph("_step", B, T)(ids, pos, lats)
         dtype = self.model.model.embed_tokens.weight.dtype
-        return logits.view(B, 1, -1), hidden.to(dtype).view(B, 1, -1)
+        return logits.view(B, T, -1), hidden.to(dtype).view(B, T, -1)
+
+    def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
+            cache: list[LayerCache]) -> torch.Tensor:
+        """MTP depth 1 as FastForward.mtp (not fresh): its normed hidden [B, T, D] in the model's dtype."""
+        if not self.model.mtp:
+            raise ValueError("this model has no MTP module")
+        B, T, D = h_BTD.shape
+        ids, pos, (lat,) = self._inputs(next_ids_BT, positions_BT, [cache[self.n_main].latent])
+        h = h_BTD.reshape(B * T, D).to(ids.device)
+        if B > 1:
+            torch._dynamo.mark_dynamic(h, 0)
+        out = self._graph("_mtp", B, T)(h, ids, pos, lat)
+        return out.to(h_BTD.dtype).view(B, T, D)

@@ -44,9 +44,8 @@ class Engine:
         """max_seq: context length per sequence (default: the config's max_position_embeddings, at
         most 4096). speculative: MTP draft tokens per step (0 = off; needs an MTP module).
         fast: use the inference fast path (default: whenever the config allows it).
-        compile: one-token decode steps through torch.compile graphs (infer/compiled.py: one for a single
-        sequence, one for batches; each compiles for tens of seconds on first use, then runs 2-3x faster
-        on CPU)."""
+        compile: decode (and speculative verify / MTP draft) steps through torch.compile graphs
+        (infer/compiled.py; each compiles for tens of seconds on first use, then runs 2-3x faster on CPU)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.cfg = model.config
@@ -180,8 +179,9 @@ class Engine:
     def decode(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache],
                last_only: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at per-row positions (their cache slots) -> (logits [B,T or 1,V] float32, hidden [B,T,D])."""
-        if self.compiled is not None and ids_BT.shape[1] == 1 and int(positions_BT.min()) >= 1:
-            return self.compiled(ids_BT, positions_BT, cache)
+        if self.compiled is not None and int(positions_BT.min()) >= 1:
+            logits, hidden = self.compiled(ids_BT, positions_BT, cache)
+            return (logits[:, -1:] if last_only else logits), hidden
         if self.fast is not None:
             logits, hidden = self.fast(ids_BT, positions_BT, cache, last_only=last_only)
             return logits.float(), hidden

@@ -66,6 +66,8 @@ def _mtp_hidden(sched: "Scheduler", h_BTD: torch.Tensor, next_ids_BT: torch.Tens
     """MTP depth 1 over (h_i, Emb(t_{i+1})) at the given positions, writing its cache -> hidden [B,T,D]."""
     engine = sched.engine
     cache = sched.cache.view(*rows)
+    if engine.compiled is not None and not fresh:
+        return engine.compiled.mtp(h_BTD, next_ids_BT, positions_BT, cache)
     if engine.fast is not None:
         return engine.fast.mtp(h_BTD, next_ids_BT, positions_BT, cache, fresh=fresh)
     model = engine.model
