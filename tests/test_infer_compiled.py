@@ -126,3 +126,17 @@ def test_int4_is_refused():
     quantize_model(m, "int4")
     with pytest.raises(ValueError, match="INT4"):
         Engine(m, compile=True)
+
+
+def test_a_failed_compile_says_so(monkeypatch):
+    """E.g. no C++ compiler for inductor: one clear error naming the way out, not inductor's traceback."""
+    m = CausalLM(preset("tiny")).init_weights(seed=0).eval()
+    comp = CompiledDecode(FastForward(m))
+
+    def broken(*args):
+        raise OSError("g++ not found")
+
+    monkeypatch.setattr(comp, "_compile", lambda name: broken)
+    kv = KVCache(m.config, 1, 8, mtp=False)
+    with pytest.raises(RuntimeError, match="compiling the decode graph failed .*g\\+\\+ not found.*--compile"):
+        comp(torch.tensor([[3]]), torch.tensor([[2]]), kv.view(0, 1))

@@ -34,8 +34,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def add_compile_arg(g) -> None:
     g.add_argument("--compile", action="store_true",
-                   help="decode one sequence through a torch.compile graph (compiles for ~0.5-1 min on the first "
-                        "token, then 2-3x faster on CPU; float and int8 weights)")
+                   help="decode steps (and speculative verify / MTP steps) through torch.compile graphs: each "
+                        "compiles for ~0.5-1 min on first use, then decodes 2-4x faster on CPU (float and int8 weights)")
 
 
 def add_quantize_args(g) -> None:

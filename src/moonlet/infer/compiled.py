@@ -265,12 +265,19 @@ class CompiledDecode:
                 torch._dynamo.mark_dynamic(t, 0)
         return ids_BT, positions_BT, lats
 
-    def _graph(self, name: str, B: int, T: int):
+    def _run(self, name: str, B: int, T: int, *args):
         key = (name, min(B, 2), T)
         fn = self._fns.get(key)
-        if fn is None:
-            fn = self._fns[key] = self._compile(name)
-        return fn
+        if fn is not None:
+            return fn(*args)
+        fn = self._compile(name)
+        try:  # the first call compiles (inductor needs a C++ compiler on CPU, Triton on GPU)
+            out = fn(*args)
+        except Exception as e:
+            raise RuntimeError(f"compiling the decode graph failed ({type(e).__name__}: {str(e)[:300]}); "
+                               "run without compile (--compile)") from e
+        self._fns[key] = fn
+        return out
 
     def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,7 +285,7 @@ class CompiledDecode:
         [B, T, D] in the model's dtype)."""
         B, T = ids_BT.shape
         ids, pos, lats = self._inputs(ids_BT, positions_BT, [c.latent for c in cache[:self.n_main]])
-        logits, hidden = self._graph("_step", B, T)(ids, pos, lats)
+        logits, hidden = self._run("_step", B, T, ids, pos, lats)
         dtype = self.model.model.embed_tokens.weight.dtype
         return logits.view(B, T, -1), hidden.to(dtype).view(B, T, -1)
 
@@ -292,5 +299,5 @@ class CompiledDecode:
         h = h_BTD.reshape(B * T, D).to(ids.device)
         if B > 1:
             torch._dynamo.mark_dynamic(h, 0)
-        out = self._graph("_mtp", B, T)(h, ids, pos, lat)
+        out = self._run("_mtp", B, T, h, ids, pos, lat)
         return out.to(h_BTD.dtype).view(B, T, D)
