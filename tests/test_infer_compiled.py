@@ -113,12 +113,32 @@ def test_compiled_int8_equals_dequantized_model():
 
 
 def test_engine_compile_generates_the_fast_paths_tokens():
+    """Through the scheduler: ragged prompts decoded together, sequences leaving the batch (3 -> 2 -> 1 rows)."""
     m = CausalLM(preset("tiny")).init_weights(seed=3, std=0.05).eval()
-    prompts = [[1, 5, 9, 200, 31], [7, 7, 8]]
-    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
-    want = [r.token_ids for r in Engine(m, max_batch=1).generate(prompts, params)]
-    eng = Engine(m, max_batch=1, compile=True)
-    assert [r.token_ids for r in eng.generate(prompts, params)] == want
+    prompts = [[1, 5, 9, 200, 31], [7, 7, 8], [40, 41, 42, 43, 44, 45, 46]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 3, 9)]
+    want = [r.token_ids for r in Engine(m, max_batch=4).generate(prompts, params)]
+    got = [r.token_ids for r in Engine(m, max_batch=4, compile=True).generate(prompts, params)]
+    assert got == want and [len(t) for t in got] == [6, 3, 9]
+
+
+def test_compiled_bf16_step_within_bf16_rounding():
+    m = CausalLM(preset("tiny")).init_weights(seed=7, std=0.05).to(torch.bfloat16).eval()
+    fast = FastForward(m)
+    comp = CompiledDecode(fast)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, m.config.vocab_size, (1, 9), generator=g)
+    kv_a, kv_b = (KVCache(m.config, 1, 32, dtype=torch.bfloat16, mtp=False) for _ in range(2))
+    with torch.no_grad():
+        fast(ids, torch.arange(9)[None], kv_a.view(0, 1), fresh=True)
+        for a, b in zip(kv_a.layers, kv_b.layers):  # the same prompt cache in both
+            b.latent.copy_(a.latent)
+        for pos in (9, 10):
+            tok = torch.randint(0, m.config.vocab_size, (1, 1), generator=g)
+            want, _ = fast(tok, torch.tensor([[pos]]), kv_a.view(0, 1))
+            got, hidden = comp(tok, torch.tensor([[pos]]), kv_b.view(0, 1))
+            assert hidden.dtype == torch.bfloat16 and kv_b.layers[0].latent.dtype == torch.bfloat16
+            assert (got[0, 0] - want[0, 0].float()).abs().max() <= 0.03 * float(want.float().abs().max())
 
 
 def test_int4_is_refused():
