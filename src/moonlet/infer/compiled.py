@@ -281,8 +281,8 @@ class CompiledDecode:
 
     def __call__(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, cache: list[LayerCache]
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """T tokens per row at consecutive positions -> (logits [B, T, V] float32, final-normed hidden
-        [B, T, D] in the model's dtype)."""
+        """T tokens per row at their positions -> (logits [B, T, V] float32, final-normed hidden [B, T, D]
+        in the model's dtype)."""
         B, T = ids_BT.shape
         ids, pos, lats = self._inputs(ids_BT, positions_BT, [c.latent for c in cache[:self.n_main]])
         logits, hidden = self._run("_step", B, T, ids, pos, lats)
