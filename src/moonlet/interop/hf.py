@@ -317,15 +317,31 @@ def _out_dtype(entry: Entry, stored: torch.dtype, dtype: torch.dtype | None) -> 
     return dtype
 
 
+Packed = list[tuple[str, tuple[int, ...], torch.dtype, Callable[[], torch.Tensor]]]
+
+
 def _write_checkpoint(tmp: Path, cfg: ModelConfig, entries: list[Entry], stored: Callable[[Entry], torch.dtype],
                       fetch: Callable[[Entry, torch.dtype], torch.Tensor], dtype: torch.dtype | None,
-                      max_shard_size: int | str, progress: Callable[[int, int], None] | None = None) -> None:
-    by_name = {e.hf_name: e for e in entries}
-    items = [(e.hf_name, e.shape, _out_dtype(e, stored(e), dtype)) for e in entries]
-    out_dtype = dict((n, dt) for n, _, dt in items)
-    main = out_dtype["model.embed_tokens.weight"]
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, main), indent=2, sort_keys=True) + "\n")
-    write_shards(tmp, items, lambda n: fetch(by_name[n], out_dtype[n]), max_shard_size, progress)
+                      max_shard_size: int | str, progress: Callable[[int, int], None] | None = None,
+                      packed: Callable[[Entry], Packed | None] = lambda e: None,
+                      quantization_config: dict | None = None) -> None:
+    """config.json + weights. packed(e): the tensors that store a quantized entry (compressed-tensors'
+    layout, compressed.packed_items), None for a plain one; quantization_config goes into config.json."""
+    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    getters: dict[str, Callable[[], torch.Tensor]] = {}
+    for e in entries:
+        parts = packed(e)
+        if parts is None:
+            parts = [(e.hf_name, e.shape, _out_dtype(e, stored(e), dtype), None)]
+        for name, shape, dt, get in parts:
+            items.append((name, shape, dt))
+            getters[name] = get or (lambda e=e, dt=dt: fetch(e, dt))
+    embed = next(e for e in entries if e.hf_name == "model.embed_tokens.weight")
+    d = hf_config_dict(cfg, _out_dtype(embed, stored(embed), dtype))
+    if quantization_config is not None:
+        d["quantization_config"] = quantization_config
+    (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+    write_shards(tmp, items, lambda n: getters[n](), max_shard_size, progress)
 
 
 def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch.dtype | None = None,
@@ -366,33 +382,12 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, dtype: str | torch
     with atomic_dir(path) as tmp:
         if path.is_dir():
             _carry_over(path, tmp)
-        if quantized:
-            _write_quantized(tmp, model, cfg, entries, quantized, state, dtype, max_shard_size)
-        else:
-            _write_checkpoint(tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size)
+        _write_checkpoint(
+            tmp, cfg, entries, lambda e: state[e.moonlet_name].dtype, fetch, dtype, max_shard_size,
+            packed=lambda e: (compressed.packed_items(e, quantized[e.moonlet_name], dtype)
+                              if e.moonlet_name in quantized else None),
+            quantization_config=compressed.export_config(model, entries, quantized) if quantized else None)
     return path
-
-
-def _write_quantized(tmp: Path, model: CausalLM, cfg: ModelConfig, entries: list[Entry], quantized: dict,
-                     state: dict[str, torch.Tensor], dtype: torch.dtype | None, max_shard_size: int | str) -> None:
-    """config.json + weights of a moonlet-quantized model: its quantized weights in compressed-tensors'
-    pack-quantized format (compressed.packed_items), the rest as `_write_checkpoint` writes it."""
-    items: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    fetch: dict[str, Callable[[], torch.Tensor]] = {}
-    for e in entries:
-        if e.moonlet_name in quantized:
-            for name, shape, dt, get in compressed.packed_items(e, quantized[e.moonlet_name], dtype):
-                items.append((name, shape, dt))
-                fetch[name] = get
-        else:
-            out = _out_dtype(e, state[e.moonlet_name].dtype, dtype)
-            items.append((e.hf_name, e.shape, out))
-            fetch[e.hf_name] = lambda e=e, out=out: (state[e.moonlet_name] if e.expert is None
-                                                     else state[e.moonlet_name][e.expert]).to(out)
-    d = hf_config_dict(cfg, dtype or state["model.embed_tokens.weight"].dtype)
-    d["quantization_config"] = compressed.export_config(model, entries, quantized)
-    (tmp / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
-    write_shards(tmp, items, lambda n: fetch[n](), max_shard_size)
 
 
 def _carry_over(old: Path, new: Path) -> None:
