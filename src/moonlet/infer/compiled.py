@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from ..model import LayerCache
 from ..model.moe import MoE
 from ..model.quant import QuantWeight
+from ..model.rope import apply_rope
 from . import fastpath as fp
 
 Weight = tuple[torch.Tensor, torch.Tensor | None]  # (weight [N, K] or stack [E, N, K], int8 scale or None)
@@ -80,16 +81,6 @@ def expert_matvec(x: torch.Tensor, w: Weight, idx_Bk: torch.Tensor) -> torch.Ten
 
 def _rms(x: torch.Tensor, norm) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
-
-
-def _rope(x_HR: torch.Tensor, cos_R: torch.Tensor, sin_R: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """apply_rope's rotation in real arithmetic (inductor does not generate code for complex ops)."""
-    if interleaved:
-        x0, x1 = x_HR.unflatten(-1, (-1, 2)).unbind(-1)
-        return torch.stack((x0 * cos_R - x1 * sin_R, x1 * cos_R + x0 * sin_R), -1).flatten(-2)
-    half = x_HR.shape[-1] // 2
-    x0, x1 = x_HR[..., :half], x_HR[..., half:]
-    return torch.cat((x0 * cos_R - x1 * sin_R, x1 * cos_R + x0 * sin_R), -1)
 
 
 @dataclass
@@ -188,11 +179,11 @@ class CompiledDecode:
             cq, kv = h, matvec(h, L.kv_a)
         q = matvec(cq, L.q)
         split = q.shape[1] - H * dr
-        q_pe = _rope(q[:, split:].view(N, H, dr), cos, sin, mla.interleaved)
+        q_pe = apply_rope(q[:, split:].view(N, H, dr), cos, sin, mla.interleaved)
         qn = q[:, :split].view(N, H, -1)
         if not L.attn.fold_q:
             qn = torch.einsum("nhd,hdc->nhc", qn, L.attn.w_uk.float())
-        k_pe = _rope(kv[:, None, C:], cos, sin, mla.interleaved)[:, 0]
+        k_pe = apply_rope(kv[:, None, C:], cos, sin, mla.interleaved)[:, 0]
         new = torch.cat((_rms(kv[:, :C], L.attn.kv_norm.norm), k_pe), -1)
         rows = torch.arange(B, device=x.device)[:, None].expand(B, T)
         lat_BSC.index_put_((rows.reshape(-1), pos_BT.reshape(-1)), new.to(lat_BSC.dtype))
