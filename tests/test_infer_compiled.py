@@ -92,6 +92,50 @@ def test_compiled_speculative_greedy_is_greedy():
     assert got.token_ids == want and got.spec_accept_rate is not None
 
 
+def test_fused_greedy_round_equals_verify_then_mtp():
+    """One graph call per greedy round (CompiledDecode.greedy_round) == the unfused round on the fast
+    path: verify [pending, draft], accept while the draft is the argmax, MTP over both positions,
+    draft from the last accepted one. Two rows at different lengths: row 0's draft is the target's
+    argmax (accepted), row 1's is not (rejected)."""
+    m = CausalLM(preset("tiny")).init_weights(seed=8, std=0.05).eval()
+    ff = FastForward(m)
+    g = torch.Generator().manual_seed(1)
+    lens = [9, 6]
+    kv = KVCache(m.config, 2, 32, mtp=True)
+    with torch.no_grad():
+        for i, n in enumerate(lens):  # prompts; the MTP slots hold something, as after prefill
+            ids = torch.randint(3, m.config.vocab_size, (1, n), generator=g)
+            _, h = ff(ids, torch.arange(n)[None], kv.view(i, i + 1), last_only=False, fresh=True)
+            ff.mtp(h, torch.randint(3, m.config.vocab_size, (1, n), generator=g), torch.arange(n)[None],
+                   kv.view(i, i + 1), fresh=True)
+        pending = torch.randint(3, m.config.vocab_size, (2, 1), generator=g)
+        pos = torch.tensor(lens)[:, None] + torch.arange(2)[None]
+        probe = copy.deepcopy(kv)
+        first, _ = ff(torch.cat((pending, pending), 1), pos, probe.view(0, 2), last_only=False)
+        right = first[0, 0].argmax()
+        x = torch.cat((pending, torch.stack((right, (first[1, 0].argmax() + 1) % m.config.vocab_size))[:, None]), 1)
+        ref_kv = copy.deepcopy(kv)
+        logits, hidden = ff(x, pos, ref_kv.view(0, 2), last_only=False)
+        want_target = logits.argmax(-1)
+        h = ff.mtp(hidden, want_target, pos, ref_kv.view(0, 2))
+        want_draft = m.lm_head(h[torch.arange(2), torch.tensor([1, 0])]).argmax(-1)
+        target, accepted, draft = CompiledDecode(ff).greedy_round(x, pos, kv.view(0, 2))
+    assert accepted.tolist() == [1, 0]
+    assert torch.equal(target, want_target) and torch.equal(draft, want_draft)
+    for layer, (a, b) in enumerate(zip(kv.view(0, 2), ref_kv.view(0, 2))):  # main and MTP slots written alike
+        assert (a.latent[:, :lens[0] + 2] - b.latent[:, :lens[0] + 2]).abs().max() <= 1e-4, layer
+
+
+def test_compiled_speculative_batch_is_greedy():
+    """Ragged prompts decoded together by fused greedy rounds, rows leaving the batch: greedy's tokens."""
+    m = CausalLM(preset("tiny")).init_weights(seed=9, std=0.05).eval()
+    prompts = [[1, 5, 9, 200, 31], [7, 7, 8], [40, 41, 42, 43, 44, 45, 46]]
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (6, 3, 9)]
+    want = [r.token_ids for r in Engine(m, max_batch=4).generate(prompts, params)]
+    got = Engine(m, max_batch=4, speculative=1, compile=True).generate(prompts, params)
+    assert [r.token_ids for r in got] == want
+
+
 def _dequantized_copy(m: CausalLM) -> CausalLM:
     """The float model whose weights are the INT8 model's dequantized values."""
     ref = copy.deepcopy(m)

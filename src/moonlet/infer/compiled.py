@@ -233,6 +233,20 @@ class CompiledDecode:
         x = self._block(self.layers[self.n_main], x, pos_BT, lat, cos, sin)
         return _rms(x, mod.shared_head.norm)
 
+    def _greedy_round(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor, latents: list[torch.Tensor],
+                      lat_mtp: torch.Tensor):
+        """A whole greedy speculative round with one draft: verify [pending, draft], the accepted count,
+        MTP over both positions and the next draft. MTP at position j reads the token after j, which is
+        the target's argmax there whether the draft was accepted (then it equals the draft) or not (then
+        it is the correction); the slot written for a rejected draft is rewritten before it is read."""
+        B, T = ids_BT.shape
+        logits, hidden = self._step(ids_BT, pos_BT, latents)
+        target_BT = logits.view(B, T, -1).argmax(-1)
+        accepted_B = (ids_BT[:, 1] == target_BT[:, 0]).long()
+        h = self._mtp(hidden, target_BT, pos_BT, lat_mtp).view(B, T, -1)
+        h_BD = torch.where(accepted_B[:, None] > 0, h[:, 1], h[:, 0])
+        return target_BT, accepted_B, matvec(h_BD, self.head).argmax(-1)
+
     def _inputs(self, ids_BT: torch.Tensor, positions_BT: torch.Tensor, lats: list[torch.Tensor]):
         """Checked, on the model's device, the cache length marked dynamic (and the batch, B >= 2)."""
         B, T = ids_BT.shape
@@ -279,6 +293,20 @@ class CompiledDecode:
         logits, hidden = self._run("_step", B, T, ids, pos, lats)
         dtype = self.model.model.embed_tokens.weight.dtype
         return logits.view(B, T, -1), hidden.to(dtype).view(B, T, -1)
+
+    def greedy_round(self, ids_B2: torch.Tensor, positions_B2: torch.Tensor, cache: list[LayerCache]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Greedy speculative decoding with one MTP draft, a round as one graph call: [pending, draft] at
+        their positions -> (the target's argmax at both [B, 2], accepted drafts per row [B] (0 or 1), the
+        next draft [B]), the main and MTP caches written. Why one call: on a small model a round of three
+        (verify, MTP, draft head) costs more in calls than the draft saves (LOG 2026-12-02)."""
+        if not self.model.mtp:
+            raise ValueError("this model has no MTP module")
+        B, T = ids_B2.shape
+        if T != 2:
+            raise ValueError(f"a fused round verifies one draft: ids must be [B, 2], got {tuple(ids_B2.shape)}")
+        ids, pos, lats = self._inputs(ids_B2, positions_B2, [c.latent for c in cache[:self.n_main + 1]])
+        return self._run("_greedy_round", B, T, ids, pos, lats[:-1], lats[-1])
 
     def mtp(self, h_BTD: torch.Tensor, next_ids_BT: torch.Tensor, positions_BT: torch.Tensor,
             cache: list[LayerCache]) -> torch.Tensor:

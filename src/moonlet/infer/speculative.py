@@ -16,6 +16,13 @@ The MTP module has its own latent cache (the depth's slot in `allocate_cache(...
 after each verify it is brought up to date for every accepted position in one MTP forward, whose
 output at the last accepted position drafts the next round. Slots written for rejected drafts are
 simply overwritten later (a token's slot is rewritten before anything reads it).
+
+With compiled steps, k = 1 and plain greedy requests a whole round (verify, acceptance, MTP catch-up,
+next draft) is one graph call (CompiledDecode.greedy_round); otherwise verify, MTP and draft are
+separate calls. Whether drafting pays depends on the model's shape more than on the code: a draft
+reads MTP's block, eh_proj and the head again, so a k = 1 round reads 1 + f main steps' worth of
+weights for at most 1 + a tokens (f = 0.55 on the `tiny` preset, 0.30 on `small`, 0.04 on
+DeepSeek-V3: bench/decode.py prints f and the ceiling (1 + a) / (1 + f)).
 """
 
 from __future__ import annotations
@@ -123,6 +130,13 @@ def after_prefill(sched: "Scheduler", req: "Request", row: int, logits_V: torch.
     return [ev]
 
 
+def _fused(sched: "Scheduler", reqs: list["Request"]) -> bool:
+    """Whether the round can be one compiled graph call (CompiledDecode.greedy_round): compiled steps,
+    one draft, plain greedy, no logprobs (the graph returns tokens, not logits)."""
+    return (sched.engine.compiled is not None and sched.engine.speculative == 1 and _plain_greedy(reqs)
+            and all(r.logprobs is None for r in reqs))
+
+
 def speculative_step(sched: "Scheduler", reqs: list["Request"]) -> list["TokenEvent"]:
     """One verify forward over all running rows, then MTP catches up and drafts the next round."""
     cache, engine = sched.cache, sched.engine
@@ -130,8 +144,16 @@ def speculative_step(sched: "Scheduler", reqs: list["Request"]) -> list["TokenEv
     L0 = torch.tensor([cache.lengths[i] for i in range(n)])
     x = torch.tensor([[r.pending] + r.draft for r in reqs])  # [n, k+1]
     pos = L0[:, None] + torch.arange(k + 1)[None]
+    if _fused(sched, reqs):
+        target, a_t, drafts = engine.compiled.greedy_round(x, pos, cache.view(0, n))
+        a_list, target = a_t.tolist(), target.tolist()
+        events = _accept(sched, reqs, [r.draft[:a] + [target[i][a]] for i, (r, a) in enumerate(zip(reqs, a_list))],
+                         a_list, L0, None)
+        for r, d in zip(reqs, drafts.tolist()):
+            r.draft, r.draft_probs = [d], [None]
+        return events
     logits, hidden = engine.decode(x, pos, cache.view(0, n), last_only=False)
-    events, accepted, last = [], [], []
+    produced, accepted = [], []
     target = logits.argmax(-1).tolist() if _plain_greedy(reqs) else None  # [n][k+1]
     for i, r in enumerate(reqs):
         if target is not None:
@@ -141,23 +163,34 @@ def speculative_step(sched: "Scheduler", reqs: list["Request"]) -> list["TokenEv
             toks = r.draft[:a] + [target[i][a]]
         else:
             toks, a = verify(logits[i], r.draft, r.draft_probs, r.sampler)
-        r.spec_proposed += k
-        r.spec_accepted += a
+        produced.append(toks)
         accepted.append(a)
-        last.append(toks[-1])
-        cache.lengths[i] = int(L0[i]) + 1  # the pending token is now in the cache
-        for j, t in enumerate(toks):
-            events.append(sched.accept_token(r, i, t, logits[i, j]))
-            if r.finished:
-                break
-            if j < a:
-                cache.lengths[i] += 1  # an accepted draft was fed by the verify forward
+    events = _accept(sched, reqs, produced, accepted, L0, logits)
     a_t = torch.tensor(accepted)
     # MTP over the verified positions: next token x_{j+1} where accepted, the new token at j = a
     nxt = torch.cat((x[:, 1:], torch.zeros(n, 1, dtype=x.dtype)), dim=1)
     j = torch.arange(k + 1)[None]
-    nxt = torch.where(j >= a_t[:, None], torch.tensor(last)[:, None], nxt)
+    nxt = torch.where(j >= a_t[:, None], torch.tensor([t[-1] for t in produced])[:, None], nxt)
     h = _mtp_hidden(sched, hidden, nxt, pos, (0, n))
     h_a = h[torch.arange(n), a_t][:, None]  # [n, 1, D] at each row's last accepted position
     _draft(sched, reqs, h_a, L0 + a_t, (0, n))
+    return events
+
+
+def _accept(sched: "Scheduler", reqs: list["Request"], produced: list[list[int]], accepted: list[int],
+            L0: torch.Tensor, logits: torch.Tensor | None) -> list["TokenEvent"]:
+    """Emit each row's produced tokens (stopping at its end) and advance its cache length over the
+    pending token and the accepted drafts the verify forward fed."""
+    cache, k = sched.cache, sched.engine.speculative
+    events = []
+    for i, (r, toks, a) in enumerate(zip(reqs, produced, accepted)):
+        r.spec_proposed += k
+        r.spec_accepted += a
+        cache.lengths[i] = int(L0[i]) + 1  # the pending token is now in the cache
+        for j, t in enumerate(toks):
+            events.append(sched.accept_token(r, i, t, None if logits is None else logits[i, j]))
+            if r.finished:
+                break
+            if j < a:
+                cache.lengths[i] += 1  # an accepted draft was fed by the verify forward
     return events
