@@ -16,7 +16,9 @@ also divided by transformers' fp32 numbers (the issue's reference), as are `--dt
 rows (moonlet with INT8 weight-only weights quantized from the same model; fp32 / bf16 activations). Also: KV-cache bytes per token (both, measured
 from the caches' tensors), peak RSS, memory bandwidth (a big tensor copy), and a roofline line: decode
 tok/s at batch 1 / (bandwidth / weight bytes one token reads). `--spec-checkpoint DIR` adds MTP
-speculative decoding on a trained checkpoint (k = 0, 1, 2; acceptance printed). `--compile` builds
+speculative decoding on a trained checkpoint (k = 0, 1, 2 interleaved, ratios to k = 0, acceptance
+printed; and the fraction f of a main step's weights a draft reads again, with the k = 1 ceiling
+(1 + a) / (1 + f) it implies). `--compile` builds
 moonlet's engines with compile=True (decode steps through torch.compile graphs, moonlet/infer/compiled.py:
 one for batch 1, one for batches); the warm-up decode of each batch size compiles its graph, outside the
 timed rounds (the seconds are printed).
