@@ -201,6 +201,11 @@ def test_streams_carry_logprobs_and_usage(server, ref_engine):
         # an unfinished UTF-8 character counts when it is sent)
         assert [c["logprobs"]["text_offset"][0] for c in mine if c["logprobs"]["tokens"]] == \
             [len("".join(d["text"] for d in mine[:k])) for k, c in enumerate(mine) if c["logprobs"]["tokens"]]
+    # the same request, not streamed: the same offsets (each token's event's place in the text)
+    whole = httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "n": 1}, headers=AUTH,
+                       timeout=60).json()["choices"][0]
+    assert whole["logprobs"]["text_offset"] == [c["logprobs"]["text_offset"][0] for c in mine if c["logprobs"]["tokens"]]
+    assert whole["text"] == "".join(c["text"] for c in mine)
     msgs = [{"role": "user", "content": "Hello"}]
     ref = _greedy(ref_engine, tok.apply_chat_template(msgs, add_generation_prompt=True), 4, ignore_eos=True,
                   logprobs=True, top_logprobs=2)

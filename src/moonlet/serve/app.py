@@ -419,15 +419,19 @@ def _token_bytes(tok: Any, token_id: int) -> list[int]:
 class _Choice:
     text: list[str] = field(default_factory=list)
     logprobs: list[tuple[int, float, list]] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)  # per logprob: characters of text before its event
+    n_chars: int = 0
     finish_reason: str | None = None
     completion_tokens: int = 0  # the engine's count (stop tokens included), from the final event
 
 
 def _apply(c: _Choice, ev: Any) -> None:
-    if ev.text_delta:
-        c.text.append(ev.text_delta)
     if ev.token_id is not None and ev.logprob is not None:
         c.logprobs.append((int(ev.token_id), float(ev.logprob), list(ev.top_logprobs or [])))
+        c.offsets.append(c.n_chars)
+    if ev.text_delta:
+        c.text.append(ev.text_delta)
+        c.n_chars += len(ev.text_delta)
     if ev.finished:
         c.finish_reason = ev.finish_reason
         c.completion_tokens = ev.completion_tokens
@@ -502,15 +506,14 @@ def _chat_logprobs(tok: Any, c: _Choice) -> dict:
                         for tid, lp, top in c.logprobs]}
 
 
-def _completion_logprobs(tok: Any, c: _Choice, offset0: int = 0) -> dict:
-    tokens = [_token_str(tok, tid) for tid, _, _ in c.logprobs]
-    offsets, pos = [], offset0
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in c.logprobs],
+def _completion_logprobs(tok: Any, c: _Choice) -> dict:
+    """Legacy logprobs. text_offset: where in the returned text a token's event put its text (the
+    characters produced before it; text held back for a stop string or an unfinished UTF-8 character
+    counts when it is released), the same whether the response streams or not."""
+    return {"tokens": [_token_str(tok, tid) for tid, _, _ in c.logprobs],
+            "token_logprobs": [lp for _, lp, _ in c.logprobs],
             "top_logprobs": [{_token_str(tok, int(a)): float(b) for a, b in top} for _, _, top in c.logprobs],
-            "text_offset": offsets}
+            "text_offset": list(c.offsets)}
 
 
 def _sse(obj: Any) -> bytes:
@@ -685,7 +688,8 @@ def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[Any], 
         if not (ev.text_delta or ev.finished or (lp and new_lp)):
             return []
         return [{"index": index, "text": ev.text_delta or "",
-                 "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=new_lp), offset) if lp else None,
+                 "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=new_lp, offsets=[offset] * len(new_lp)))
+                 if lp else None,
                  "finish_reason": _finish_reason(ev.finish_reason) if ev.finished else None}]
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": s.model_name}
