@@ -17,8 +17,8 @@ rows (moonlet with INT8 weight-only weights quantized from the same model; fp32 
 from the caches' tensors), peak RSS, memory bandwidth (a big tensor copy), and a roofline line: decode
 tok/s at batch 1 / (bandwidth / weight bytes one token reads). `--spec-checkpoint DIR` adds MTP
 speculative decoding on a trained checkpoint (k = 0, 1, 2 interleaved, ratios to k = 0, acceptance
-printed; and the fraction f of a main step's weights a draft reads again, with the k = 1 ceiling
-(1 + a) / (1 + f) it implies). `--compile` builds
+printed; and the k = 1 ceiling by weight reads: a draft re-reads a fraction f of a main step's
+weights, the verify's second token a fraction r in its own routed experts, for <= 1 + a tokens). `--compile` builds
 moonlet's engines with compile=True (decode steps through torch.compile graphs, moonlet/infer/compiled.py:
 one for batch 1, one for batches); the warm-up decode of each batch size compiles its graph, outside the
 timed rounds (the seconds are printed).
@@ -279,16 +279,20 @@ def bench_spec(path: str, args) -> dict:
         out[f"k{k}"] = {"tok_s": n / best[k], "accept_rate": rate[k], "vs_k0": best[0] / best[k]}
         print(f"  speculative k={k}: {n / best[k]:.1f} tok/s ({best[0] / best[k]:.2f}x k=0)"
               + (f", acceptance {rate[k]:.1%}" if rate[k] is not None else ""), flush=True)
-    # what drafting costs in weight reads: MTP's block + eh_proj + the head again, per draft, against a
-    # main step (embedding rows aside). A round of k drafts reads >= 1 + k*f steps' worth for at most
-    # (1 - a^(k+1)) / (1 - a) tokens at acceptance a per draft (independent drafts)
-    pc = acc.param_counts(eng0.cfg)
-    f = (pc["mtp_active"] + pc["lm_head"]) / pc["active_excl_embedding"]
+    # what a k = 1 round reads, in main steps' worth of weights (embedding rows aside): the draft
+    # re-reads MTP's block + eh_proj + the head (f); the verify's second token reads its own routed
+    # experts (r, when the two tokens share none) -- for at most 1 + a tokens at acceptance a
+    cfg = eng0.cfg
+    pc = acc.param_counts(cfg)
+    main_reads = pc["active_excl_embedding"]
+    f = (pc["mtp_active"] + pc["lm_head"]) / main_reads
+    r = pc["n_moe_layers"] * cfg.num_experts_per_tok * pc["expert"] / main_reads
     a = rate[1] or 0.0
-    out["draft_read_fraction"] = f
-    out["k1_ceiling"] = (1 + a) / (1 + f)
-    print(f"  a draft reads {f:.0%} of a main step's weights: k=1 ceiling at {a:.0%} acceptance "
-          f"(1 + a) / (1 + f) = {(1 + a) / (1 + f):.2f}x", flush=True)
+    out.update(draft_read_fraction=f, verify_expert_fraction=r, k1_ceiling_shared_experts=(1 + a) / (1 + f),
+               k1_ceiling_disjoint_experts=(1 + a) / (1 + f + r))
+    print(f"  k=1 ceiling by weight reads at {a:.0%} acceptance: a draft re-reads f = {f:.0%} of a step, the "
+          f"second verified token's experts r = {r:.0%}: (1 + a) / (1 + f) = {(1 + a) / (1 + f):.2f}x if the "
+          f"tokens share experts, (1 + a) / (1 + f + r) = {(1 + a) / (1 + f + r):.2f}x if not", flush=True)
     return out
 
 
