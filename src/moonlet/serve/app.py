@@ -521,10 +521,10 @@ def _sse(obj: Any) -> bytes:
 
 
 async def _event_stream(jobs: list[Any], q: asyncio.Queue, head: dict, n_prompt: int, include_usage: bool,
-                        chunks: Callable[[int, Any, list], list[dict]], opening: tuple[dict, ...] = ()
+                        chunks: Callable[[int, Any, _Choice], list[dict]], opening: tuple[dict, ...] = ()
                         ) -> AsyncIterator[bytes]:
     """What both streams share: the queue drained until every choice finished, each event turned into
-    the route's `chunks(index, event, new_logprobs)` ("choices" entries, one per SSE chunk), an engine
+    the route's `chunks(index, event, new)` (new: the event's logprobs and their offsets; "choices" entries, one per SSE chunk), an engine
     failure or abort as an in-band error; usage on the last chunk, or with include_usage (OpenAI's
     stream_options) as `usage: null` on every chunk and a final chunk of its own; always `[DONE]`."""
     if include_usage:
@@ -534,7 +534,9 @@ async def _event_stream(jobs: list[Any], q: asyncio.Queue, head: dict, n_prompt:
     choices = [_Choice() for _ in jobs]
     try:
         async for index, ev, n_lp, left in _drain(jobs, q, choices):
-            out = [{**head, "choices": [entry]} for entry in chunks(index, ev, choices[index].logprobs[n_lp:])]
+            c = choices[index]
+            new = _Choice(logprobs=c.logprobs[n_lp:], offsets=c.offsets[n_lp:])
+            out = [{**head, "choices": [entry]} for entry in chunks(index, ev, new)]
             if out and ev.finished and not left and not include_usage:  # usage in every response: on the last chunk
                 out[-1]["usage"] = _usage(n_prompt, choices)
             for chunk in out:
@@ -581,10 +583,10 @@ async def _chat(request: Request, req: ChatCompletionRequest) -> Any:
 def _chat_events(s: ServerState, req: ChatCompletionRequest, jobs: list[Any], q: asyncio.Queue, rid: str,
                  created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk: a role chunk per choice first, then content deltas, then a finish chunk."""
-    def chunks(index: int, ev: Any, new_lp: list) -> list[dict]:
+    def chunks(index: int, ev: Any, new: _Choice) -> list[dict]:
         out = []
-        if ev.text_delta or (req.logprobs and new_lp):
-            lp = _chat_logprobs(s.tokenizer, _Choice(logprobs=new_lp)) if req.logprobs else None
+        if ev.text_delta or (req.logprobs and new.logprobs):
+            lp = _chat_logprobs(s.tokenizer, new) if req.logprobs else None
             out.append({"index": index, "delta": {"content": ev.text_delta or ""}, "logprobs": lp,
                         "finish_reason": None})
         if ev.finished:
@@ -680,16 +682,12 @@ def _completion_events(s: ServerState, req: CompletionRequest, jobs: list[Any], 
                        created: int, n_prompt: int, include_usage: bool) -> AsyncIterator[bytes]:
     """text_completion chunks: the text delta, its logprobs and (on the last) the finish reason together."""
     lp = req.logprobs is not None
-    sent = [0] * len(jobs)  # characters sent per choice (logprobs' text_offset)
 
-    def chunks(index: int, ev: Any, new_lp: list) -> list[dict]:
-        offset = sent[index]
-        sent[index] += len(ev.text_delta or "")
-        if not (ev.text_delta or ev.finished or (lp and new_lp)):
+    def chunks(index: int, ev: Any, new: _Choice) -> list[dict]:
+        if not (ev.text_delta or ev.finished or (lp and new.logprobs)):
             return []
         return [{"index": index, "text": ev.text_delta or "",
-                 "logprobs": _completion_logprobs(s.tokenizer, _Choice(logprobs=new_lp, offsets=[offset] * len(new_lp)))
-                 if lp else None,
+                 "logprobs": _completion_logprobs(s.tokenizer, new) if lp else None,
                  "finish_reason": _finish_reason(ev.finish_reason) if ev.finished else None}]
 
     head = {"id": rid, "object": "text_completion", "created": created, "model": s.model_name}

@@ -73,8 +73,10 @@ def ns_dtype_for(ns_dtype: torch.dtype | str | None, device: torch.device) -> to
     return ns_dtype
 
 
+@functools.cache
 def _cpu_has_bf16_dot() -> bool:
-    """torch.cpu's ISA probes (private; a torch without them counts as no)."""
+    """torch.cpu's ISA probes (private; a torch without them counts as no), once per process: Muon
+    asks for every parameter on every step."""
     cpu = torch.cpu
     probes = (getattr(cpu, "_is_avx512_bf16_supported", None), getattr(cpu, "_is_amx_tile_supported", None))
     return any(p is not None and p() for p in probes)
